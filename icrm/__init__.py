@@ -1,0 +1,1 @@
+"""icrm: a thin ICRM reward-model trainer built on icrm_kernels."""

@@ -1,0 +1,138 @@
+"""Op (2), the LM-head projection + log-softmax + gather of the target's log-prob, with op (1),
+the per-token reward head, fused into it (``linear_logprobs_and_rewards`` reads each hidden
+row once for both outputs). The ``[N, V]`` logits are never stored by the Triton kernels or
+by the chunked reference path.
+
+* ``reference.py``: plain PyTorch (naive oracle + row-chunked CPU path).
+* ``kernels.py``: the Triton kernels and their ``autograd.Function``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _dispatch
+from .._validate import (
+    check_positive,
+    check_same_device,
+    check_same_dtype,
+    check_shape,
+    check_targets,
+    check_tensor,
+)
+from .reference import linear_logprobs_auto_reference, rewards_reference
+
+__all__ = ["linear_logprobs", "linear_logprobs_and_rewards"]
+
+
+def _check_inputs(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index):
+    check_tensor("hidden", hidden, floating=True)
+    check_tensor("weight", weight, floating=True)
+    check_tensor("targets", targets, floating=False)
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden must have shape [..., D], got a 0-dim tensor")
+    dim = hidden.shape[-1]
+    check_shape("weight", weight, [None, dim], "[V, D] with D = hidden.shape[-1]")
+    vocab = weight.shape[0]
+    if vocab < 1:
+        raise ValueError("weight must have at least one row (V >= 1), got shape " + str(tuple(weight.shape)))
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's leading dims), got {tuple(targets.shape)}"
+        )
+    if bias is not None:
+        check_tensor("bias", bias, floating=True)
+        check_shape("bias", bias, [vocab], "[V] with V = weight.shape[0]")
+    if value_weight is not None:
+        check_tensor("value_weight", value_weight, floating=True)
+        if value_weight.shape not in ((dim,), (1, dim)):
+            raise ValueError(f"value_weight must have shape [{dim}] or [1, {dim}] (D = hidden.shape[-1]), got {tuple(value_weight.shape)}")
+    if value_bias is not None:
+        check_tensor("value_bias", value_bias, floating=True)
+        if value_bias.shape not in ((), (1,)):
+            raise ValueError(f"value_bias must be a scalar tensor of shape [] or [1], got {tuple(value_bias.shape)}")
+    check_same_dtype("hidden", hidden, weight=weight, bias=bias, value_weight=value_weight, value_bias=value_bias)
+    check_same_device("hidden", hidden, weight=weight, targets=targets, bias=bias, value_weight=value_weight, value_bias=value_bias)
+    check_positive("temperature", temperature)
+    check_positive("softcap", softcap, allow_none=True)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_targets(targets, vocab, ignore_index)
+
+
+def _run(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index, backend):
+    if isinstance(value_bias, (int, float)) and not isinstance(value_bias, bool) and isinstance(hidden, torch.Tensor):
+        value_bias = torch.tensor(float(value_bias), dtype=hidden.dtype, device=hidden.device)
+    _check_inputs(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index)
+    lead = targets.shape
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    targets1d = targets.reshape(-1).to(torch.int64)
+    temperature, softcap = float(temperature), None if softcap is None else float(softcap)
+    if _dispatch.select_backend(backend, hidden, weight) == "triton":
+        from .kernels import linear_logprobs_triton
+
+        logp, rewards = linear_logprobs_triton(
+            hidden2d, weight, targets1d, bias, value_weight, value_bias, temperature, softcap, ignore_index
+        )
+    else:
+        logp = linear_logprobs_auto_reference(hidden2d, weight, targets1d, bias, temperature, softcap, ignore_index)
+        rewards = None if value_weight is None else rewards_reference(hidden2d, value_weight, value_bias)
+    return logp.reshape(lead), None if rewards is None else rewards.reshape(lead)
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Log-probability of each target token under ``softcap(hidden @ weight.T + bias) / temperature``.
+
+    Args:
+        hidden: ``[N, D]`` (or ``[..., D]``) hidden states, any float dtype.
+        weight: ``[V, D]`` LM-head weight, same dtype as ``hidden``.
+        targets: ``[N]`` (or ``[...]``) integer token ids in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]`` LM-head bias.
+        temperature: > 0; divides the (soft-capped) logits.
+        softcap: optional > 0 logit cap ``c * tanh(x / c)`` applied before the temperature.
+        ignore_index: target value whose rows give 0 and no gradient.
+        backend: ``"auto" | "triton" | "reference"`` (see ``icrm_kernels._dispatch``).
+
+    Returns:
+        ``[N]`` (or ``[...]``) float32 log-probs (float64 for float64 inputs). Gradients
+        flow to ``hidden``, ``weight`` and ``bias`` in their own dtypes. NaN/inf in the
+        inputs propagate to the outputs of the rows they touch; they never raise.
+    """
+    logp, _ = _run(hidden, weight, targets, bias, None, None, temperature, softcap, ignore_index, backend)
+    return logp
+
+
+def linear_logprobs_and_rewards(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    value_weight: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    value_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`linear_logprobs` plus the per-token reward ``hidden @ value_weight + value_bias``.
+
+    ``value_weight`` is ``[D]`` or ``[1, D]`` (an ``nn.Linear(D, 1).weight``), ``value_bias``
+    a number or a tensor of shape ``[]`` or ``[1]``. Rewards are computed for every row, ignored targets included.
+
+    Returns:
+        ``(logprobs [N], rewards [N])``, both float32 (float64 for float64 inputs).
+    """
+    if value_weight is None:
+        raise TypeError("value_weight must be a torch.Tensor of shape [D] or [1, D], got None")
+    return _run(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index, backend)
