@@ -18,6 +18,9 @@ padded row s is ``(s*T, s*(T-1), T)`` with T-1 pair slots, packed segment s is
 ``(cu[s], cu[s], cu[s+1] - cu[s])`` with one pair slot per position (the last one, which would
 leave the segment, is always 0). The forward writes each program's partial ``sum p`` and
 ``sum m``; torch sums those ``[S]`` partials, so the reduction is deterministic (no atomics).
+The per-pair terms are fp32 like the reference's, but the sums run in fp64 and are rounded to
+fp32 once: a scalar of a few thousand pairs would otherwise be off by an fp32 ulp of the total,
+more than the three-way rule allows over an eager sum that happens to round well.
 The backward gives each position to exactly one program, which recomputes the two pairs the
 position belongs to, (t-1, t) and (t, t+1): no atomics there either.
 
@@ -85,8 +88,8 @@ def _forward_kernel(
     r_base, p_base, length, slots = _segment(cu_seqlens_ptr, seg, T, PACKED)
     baseline = tl.load(baseline_ptr + seg).to(tl.float32)
     sign = tl.load(sign_ptr + seg).to(tl.float32)
-    loss_acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    mask_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    loss_acc = tl.zeros((BLOCK,), dtype=tl.float64)
+    mask_acc = tl.zeros((BLOCK,), dtype=tl.float64)
     for t0 in range(0, slots, BLOCK):
         t = t0 + tl.arange(0, BLOCK).to(tl.int64)
         is_pair = t < length - 1
@@ -98,8 +101,8 @@ def _forward_kernel(
         per_pair = tl.where(is_pair, w * m * loss, 0.0)
         if STORE_PER_PAIR:
             tl.store(per_pair_ptr + p_base + t, per_pair, mask=t < slots)
-        loss_acc += per_pair
-        mask_acc += m
+        loss_acc += per_pair.to(tl.float64)
+        mask_acc += m.to(tl.float64)
     tl.store(loss_partial_ptr + seg, tl.sum(loss_acc, axis=0))
     tl.store(mask_partial_ptr + seg, tl.sum(mask_acc, axis=0))
 
@@ -182,11 +185,11 @@ class _Problem:
 
 
 def _forward_launch(problem: _Problem, kind: str, eps: float, store_per_pair: bool):
-    """``(per_pair or None, loss_partial [S], mask_partial [S])``, fp32."""
+    """``(per_pair [fp32] or None, loss_partial [S], mask_partial [S] [fp64])``."""
     device = problem.rewards.device
     per_pair = _empty(problem.weights.shape, torch.float32, device) if store_per_pair else None
-    loss_partial = _empty((problem.num_segments,), torch.float32, device)
-    mask_partial = _empty((problem.num_segments,), torch.float32, device)
+    loss_partial = _empty((problem.num_segments,), torch.float64, device)
+    mask_partial = _empty((problem.num_segments,), torch.float64, device)
     if problem.num_segments > 0:
         _forward[(problem.num_segments,)](
             *problem.args(), per_pair, loss_partial, mask_partial, problem.T, eps,
@@ -223,6 +226,7 @@ class _ConsistencyLossFunction(torch.autograd.Function):
             mask_total = mask_partial.sum()
             if reduction == "mean":
                 out = out / (mask_total + MEAN_EPS)
+            out = out.to(torch.float32)
         ctx.save_for_backward(rewards, weights, mask, baseline, sign, cu_seqlens, mask_total)
         ctx.kind, ctx.eps, ctx.reduction = kind, eps, reduction
         return out
