@@ -69,12 +69,11 @@ def _pair_terms(r_t, r_next, sign, baseline, eps, KIND: tl.constexpr):
 
 @triton.jit
 def _segment(cu_seqlens_ptr, seg, T, PACKED: tl.constexpr):
-    """``(reward base, pair base, length, pair slots)`` of row/segment ``seg`` (int64)."""
+    """``(reward base, pair base, length)`` of row/segment ``seg`` (int64)."""
     if PACKED:
         start = tl.load(cu_seqlens_ptr + seg)
-        length = tl.load(cu_seqlens_ptr + seg + 1) - start
-        return start, start, length, length
-    return seg * T, seg * (T - 1), seg * 0 + T, seg * 0 + T - 1
+        return start, start, tl.load(cu_seqlens_ptr + seg + 1) - start
+    return seg * T, seg * (T - 1), seg * 0 + T
 
 
 @triton.jit
@@ -85,7 +84,12 @@ def _forward_kernel(
     KIND: tl.constexpr, PACKED: tl.constexpr, STORE_PER_PAIR: tl.constexpr, BLOCK: tl.constexpr,
 ):
     seg = tl.program_id(0).to(tl.int64)
-    r_base, p_base, length, slots = _segment(cu_seqlens_ptr, seg, T, PACKED)
+    r_base, p_base, length = _segment(cu_seqlens_ptr, seg, T, PACKED)
+    # Pair slots: one per position when packed, T - 1 per padded row.
+    if PACKED:
+        slots = length
+    else:
+        slots = length - 1
     baseline = tl.load(baseline_ptr + seg).to(tl.float32)
     sign = tl.load(sign_ptr + seg).to(tl.float32)
     loss_acc = tl.zeros((BLOCK,), dtype=tl.float64)
@@ -115,7 +119,7 @@ def _backward_kernel(
     KIND: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     seg = tl.program_id(0).to(tl.int64)
-    r_base, p_base, length, _ = _segment(cu_seqlens_ptr, seg, T, PACKED)
+    r_base, p_base, length = _segment(cu_seqlens_ptr, seg, T, PACKED)
     baseline = tl.load(baseline_ptr + seg).to(tl.float32)
     sign = tl.load(sign_ptr + seg).to(tl.float32)
     for t0 in range(0, length, BLOCK):
