@@ -154,6 +154,15 @@ def test_partial_requires_grad(requires_grad):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("value_weight_shape,value_bias_shape", [((24,), None), ((24,), ()), ((1, 24), None)])
+def test_value_head_shapes_and_no_value_bias(value_weight_shape, value_bias_shape):
+    inputs, targets = make_inputs(19, 24, 45, torch.float32, ignore=(0,))
+    inputs["value_weight"] = inputs["value_weight"].reshape(value_weight_shape)
+    inputs["value_bias"] = None if value_bias_shape is None else inputs["value_bias"].reshape(value_bias_shape)
+    check_three_way(inputs, targets, torch.float32)
+
+
+@pytest.mark.interpret
 def test_only_one_output_used():
     """Backward with grad_logp or grad_rewards missing (the other output unused)."""
     inputs, targets = make_inputs(18, 20, 40, torch.float32, ignore=(1,))

@@ -154,17 +154,18 @@ _BLOCK = {"interpreter": 64, "cuda": 1024}
 _NUM_WARPS = 4
 _AUTOTUNE_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in [(256, 2), (512, 4), (1024, 4), (2048, 8), (4096, 8)]]
 
+# With ICRM_KERNELS_AUTOTUNE=1, on CUDA only (the interpreter takes the fixed block). Every
+# output is written, not accumulated, so trial runs need no reset.
+_forward_tuned = _backward_tuned = None
 if _dispatch.AUTOTUNE:
-    _forward = triton.autotune(_AUTOTUNE_CONFIGS, key=["T", "KIND", "PACKED"])(_forward_kernel)
-    _backward = triton.autotune(_AUTOTUNE_CONFIGS, key=["T", "KIND", "PACKED"])(_backward_kernel)
-else:
-    _forward, _backward = _forward_kernel, _backward_kernel
+    _forward_tuned = triton.autotune(_AUTOTUNE_CONFIGS, key=["T", "KIND", "PACKED"])(_forward_kernel)
+    _backward_tuned = triton.autotune(_AUTOTUNE_CONFIGS, key=["T", "KIND", "PACKED"])(_backward_kernel)
 
 
-def _block_config(device: torch.device) -> dict:
-    if _dispatch.AUTOTUNE:
-        return {}
-    return dict(BLOCK=_BLOCK["cuda" if device.type == "cuda" else "interpreter"], num_warps=_NUM_WARPS)
+def _kernel_and_config(fixed, tuned, device: torch.device):
+    if tuned is not None and device.type == "cuda":
+        return tuned, {}
+    return fixed, dict(BLOCK=_BLOCK["cuda" if device.type == "cuda" else "interpreter"], num_warps=_NUM_WARPS)
 
 
 def _as_loadable(mask: torch.Tensor) -> torch.Tensor:
@@ -195,9 +196,10 @@ def _forward_launch(problem: _Problem, kind: str, eps: float, store_per_pair: bo
     loss_partial = _empty((problem.num_segments,), torch.float64, device)
     mask_partial = _empty((problem.num_segments,), torch.float64, device)
     if problem.num_segments > 0:
-        _forward[(problem.num_segments,)](
+        kernel, config = _kernel_and_config(_forward_kernel, _forward_tuned, device)
+        kernel[(problem.num_segments,)](
             *problem.args(), per_pair, loss_partial, mask_partial, problem.T, eps,
-            KIND=kind, PACKED=problem.packed, STORE_PER_PAIR=store_per_pair, **_block_config(device),
+            KIND=kind, PACKED=problem.packed, STORE_PER_PAIR=store_per_pair, **config,
         )
     return per_pair, loss_partial, mask_partial
 
@@ -205,9 +207,10 @@ def _forward_launch(problem: _Problem, kind: str, eps: float, store_per_pair: bo
 def _backward_launch(problem: _Problem, kind: str, eps: float, grad: torch.Tensor, grad_stride: int):
     d_rewards = _empty(problem.rewards.shape, problem.rewards.dtype, problem.rewards.device)
     if problem.num_segments > 0:
-        _backward[(problem.num_segments,)](
+        kernel, config = _kernel_and_config(_backward_kernel, _backward_tuned, problem.rewards.device)
+        kernel[(problem.num_segments,)](
             *problem.args(), grad, grad_stride, d_rewards, problem.T, eps,
-            KIND=kind, PACKED=problem.packed, **_block_config(problem.rewards.device),
+            KIND=kind, PACKED=problem.packed, **config,
         )
     return d_rewards
 

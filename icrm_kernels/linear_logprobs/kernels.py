@@ -247,15 +247,17 @@ _AUTOTUNE_CONFIGS = [
 #: Block sizes of the small value-head gradient kernel (a bandwidth-bound column reduction).
 _VALUE_GRAD_BLOCK_N, _VALUE_GRAD_BLOCK_D = 64, 64
 
+# Autotuned variants exist only with ICRM_KERNELS_AUTOTUNE=1 and run only on CUDA (the
+# interpreter always takes the fixed blocks). The backward accumulates with atomics, so its
+# buffers are zeroed between trial runs. Keys leave out N, which changes every batch.
+_forward_tuned = _backward_tuned = None
 if _dispatch.AUTOTUNE:
-    _forward = triton.autotune(_AUTOTUNE_CONFIGS, key=["V", "D", "HAS_VALUE", "STORE_LSE"])(_forward_kernel)
-    _backward = triton.autotune(
+    _forward_tuned = triton.autotune(_AUTOTUNE_CONFIGS, key=["V", "D", "HAS_VALUE", "STORE_LSE"])(_forward_kernel)
+    _backward_tuned = triton.autotune(
         _AUTOTUNE_CONFIGS,
         key=["V", "D", "NEED_HIDDEN", "NEED_WEIGHT", "NEED_BIAS"],
         reset_to_zero=["d_hidden_ptr", "d_weight_ptr", "d_bias_ptr"],
     )(_backward_kernel)
-else:
-    _forward, _backward = _forward_kernel, _backward_kernel
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -263,9 +265,15 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _kernel_and_config(fixed, tuned, device: torch.device, dtype: torch.dtype):
+    """``(kernel, launch meta)``: the autotuned kernel on CUDA when tuning is on, else the
+    fixed kernel with this architecture's blocks."""
+    if tuned is not None and device.type == "cuda":
+        return tuned, {}
+    return fixed, _block_config(device, dtype)
+
+
 def _block_config(device: torch.device, dtype: torch.dtype) -> dict:
-    if _dispatch.AUTOTUNE:
-        return {}
     if device.type != "cuda":
         key = "interpreter"
     else:
@@ -299,8 +307,8 @@ def _forward_launch(hidden, weight, targets, bias, value_weight, value_bias, tem
     rewards = _empty((n,), torch.float32, device) if value_weight is not None else None
     if n == 0:
         return logp, lse, rewards
-    config = _block_config(device, hidden.dtype)
-    _forward[_grid(config, (n, "BLOCK_N"))](
+    kernel, config = _kernel_and_config(_forward_kernel, _forward_tuned, device, hidden.dtype)
+    kernel[_grid(config, (n, "BLOCK_N"))](
         hidden, weight, bias, targets, value_weight, value_bias,
         logp, lse, rewards,
         n, v, d, ignore_index, 1.0 / temperature, 1.0 if softcap is None else softcap,
@@ -323,8 +331,8 @@ def _backward_launch(hidden, weight, targets, bias, lse, grad_logp, temperature,
     d_bias = torch.zeros((v,), dtype=torch.float32, device=device) if need_bias else None
     if n == 0:
         return d_hidden, d_weight, d_bias
-    config = _block_config(device, hidden.dtype)
-    _backward[_grid(config, (n, "BLOCK_N"), (v, "BLOCK_V"))](
+    kernel, config = _kernel_and_config(_backward_kernel, _backward_tuned, device, hidden.dtype)
+    kernel[_grid(config, (n, "BLOCK_N"), (v, "BLOCK_V"))](
         hidden, weight, bias, targets, lse, grad_logp,
         d_hidden, d_weight, d_bias,
         n, v, d, ignore_index, 1.0 / temperature, 1.0 if softcap is None else softcap,
