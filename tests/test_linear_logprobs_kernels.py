@@ -101,6 +101,14 @@ def test_matches_gold_odd_shapes(dtype, bias, value, softcap, temperature):
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
+def test_matches_gold_medium_shape(dtype):
+    """The largest interpreter shape: 13 row blocks x 16 vocab tiles x 4 D chunks."""
+    inputs, targets = make_inputs(200, 64, 500, dtype, ignore=range(0, 200, 9), seed=7)
+    check_three_way(inputs, targets, dtype, softcap=10.0, temperature=0.8)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", INTERP_DTYPES)
 def test_online_lse_across_tiles_with_far_apart_maxima(dtype):
     """Logits ~ +-80 whose maximum sits in a different vocab tile per row: the running sum must
     be rescaled across tiles (first tile near -80, a later one near +80, or the reverse)."""
