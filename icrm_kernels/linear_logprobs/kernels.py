@@ -182,8 +182,9 @@ def _backward_kernel(
         if HAS_SOFTCAP:
             dx = dx * (1.0 - tanh * tanh)
         dx = tl.where(row_mask[:, None] & col_mask[None, :], dx, 0.0)
+        # Relaxed atomics: only the final sums matter, and the kernel's end orders them.
         if NEED_BIAS:
-            tl.atomic_add(d_bias_ptr + cols, tl.sum(dx, axis=0), mask=col_mask)
+            tl.atomic_add(d_bias_ptr + cols, tl.sum(dx, axis=0), mask=col_mask, sem="relaxed")
         if NEED_HIDDEN or NEED_WEIGHT:
             dx_in = dx.to(hidden_ptr.dtype.element_ty)
             for d0 in range(0, D, BLOCK_D):
@@ -194,14 +195,14 @@ def _backward_kernel(
                     tl.atomic_add(
                         d_hidden_ptr + rows[:, None] * D + dims[None, :],
                         tl.dot(dx_in, w, input_precision=DOT_PRECISION),
-                        mask=row_mask[:, None] & dim_mask[None, :],
+                        mask=row_mask[:, None] & dim_mask[None, :], sem="relaxed",
                     )
                 if NEED_WEIGHT:
                     h = tl.load(hidden_ptr + rows[:, None] * D + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
                     tl.atomic_add(
                         d_weight_ptr + cols[:, None] * D + dims[None, :],
                         tl.dot(tl.trans(dx_in), h, input_precision=DOT_PRECISION),
-                        mask=col_mask[:, None] & dim_mask[None, :],
+                        mask=col_mask[:, None] & dim_mask[None, :], sem="relaxed",
                     )
 
 
