@@ -312,8 +312,11 @@ def test_cuda_realistic_shapes(dtype, softcap, temperature):
 def test_cuda_far_apart_maxima_and_all_ignored_blocks(dtype):
     inputs, targets = make_inputs(515, 256, 50001, dtype, seed=4)
     targets[:300] = -100  # whole row blocks ignored
-    inputs["weight"][:, -1] = torch.where(torch.arange(50001, device="cuda") // 4096 % 2 == 0, -80.0, 80.0).double()
-    inputs["hidden"][:, -1] = 1.0
+    # +-80 offsets alternating every 4096 vocab entries, through the bias: the running max jumps
+    # between tiles. (Through a weight column, as in the interpreter test, d_hidden would carry
+    # 80 * (bf16 rounding of dx) and test the documented bf16 cast of dx rather than the lse.)
+    tile_sign = torch.where(torch.arange(50001, device="cuda") // 4096 % 2 == 0, -1.0, 1.0).double()
+    inputs["bias"] = 80.0 * tile_sign + inputs["bias"]
     check_three_way(inputs, targets, dtype)
 
 
@@ -335,13 +338,13 @@ def test_cuda_no_nv_buffer_when_nv_exceeds_int32():
     inputs_bytes = sum(t.numel() * t.element_size() for t in (hidden, weight, targets))
     grads_bytes = hidden.numel() * 4 + weight.numel() * 4
     torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    base = torch.cuda.memory_allocated()  # the inputs (plus whatever earlier tests left alive)
     logp = ik.linear_logprobs(hidden, weight, targets, backend="triton")
     logp.sum().backward()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    assert base <= inputs_bytes * 1.01 + (1 << 20)
-    assert peak <= 1.1 * (inputs_bytes + grads_bytes), f"peak {peak / 2**20:.0f} MiB"
+    extra = torch.cuda.max_memory_allocated() - base
+    # peak <= inputs + gradients + 10%, counting from the memory already held.
+    assert extra <= grads_bytes + 0.1 * (inputs_bytes + grads_bytes), f"{extra / 2**20:.0f} MiB over the inputs"
     # Correctness at this size too (three-way, against the chunked reference in fp32 and fp64).
     kern = (logp.detach(), hidden.grad, weight.grad)
     for dtype in (torch.float32, torch.float64):
