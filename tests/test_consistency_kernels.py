@@ -5,6 +5,8 @@ TRITON_INTERPRET=1; ``cuda``: realistic shapes and bf16)."""
 import pytest
 import torch
 from conftest import assert_three_way
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import icrm_kernels as ik
 from icrm_kernels import _dispatch
@@ -81,6 +83,19 @@ def test_packed_matches_gold(kind, reduction, dtype):
     (loss, _), _ = check_three_way(tensors, dtype, kind=kind, reduction=reduction, cu_seqlens=cu)
     if reduction == "none":  # the pair leaving each segment is always 0
         assert torch.equal(loss[cu[1:][cu[1:] > cu[:-1]] - 1], torch.zeros(7, device=loss.device))
+
+
+@pytest.mark.interpret
+@settings(max_examples=15, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 140), min_size=1, max_size=6),
+    kind=st.sampled_from(KINDS),
+    reduction=st.sampled_from(REDUCTIONS),
+    seed=st.integers(0, 2**16),
+)
+def test_packed_random_segments(lengths, kind, reduction, seed):
+    tensors, cu = make_packed(lengths, torch.float32, seed=seed)
+    check_three_way(tensors, torch.float32, kind=kind, reduction=reduction, cu_seqlens=cu)
 
 
 @pytest.mark.interpret

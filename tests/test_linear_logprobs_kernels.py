@@ -100,6 +100,14 @@ def test_matches_gold_odd_shapes(dtype, bias, value, softcap, temperature):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("n,d,v", [(1, 1, 1), (1, 3, 2), (2, 16, 32), (17, 17, 33), (5, 70, 7)])
+def test_tiny_and_boundary_shapes(n, d, v):
+    """Shapes below one block, exactly one block, and one past it on each axis."""
+    inputs, targets = make_inputs(n, d, v, torch.float32, seed=n + d + v)
+    check_three_way(inputs, targets, torch.float32, softcap=2.0)
+
+
+@pytest.mark.interpret
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
 def test_matches_gold_medium_shape(dtype):
     """The largest interpreter shape: 13 row blocks x 16 vocab tiles x 4 D chunks."""
