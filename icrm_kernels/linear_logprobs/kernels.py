@@ -12,12 +12,16 @@ Math (ICRM_SPEC.md)::
     d_hidden = dx @ weight + g_r * value_weight,  d_weight = dx^T @ hidden,  d_bias = sum_rows dx
     d_value_weight = hidden^T @ g_r,  d_value_bias = sum g_r
 
-Forward (``_forward_kernel``): one program per block of ``BLOCK_N`` rows walks the vocabulary in
-tiles of ``BLOCK_V``; each logit tile is a ``tl.dot`` over D in chunks of ``BLOCK_D`` with fp32
-accumulation and is folded at once into a running max / running sum logsumexp and into the
-target logit (picked by ``cols == target``). Only ``lse [N]`` (fp32) is saved for the backward.
-The reward ``hidden @ value_weight`` rides along in the D loop of the first vocab tile, so the
-hidden rows it needs are the ones already loaded for the logits (each row read once for both).
+Forward (``_forward_kernel``): a program takes a block of ``BLOCK_N`` rows and one of
+``splits`` contiguous shares of the vocabulary, and walks its share in tiles of ``BLOCK_V``; each
+logit tile is a ``tl.dot`` over D in chunks of ``BLOCK_D`` with fp32 accumulation and is folded at
+once into a running max / running sum logsumexp and into the target logit (picked by
+``cols == target``). The program writes its share's logsumexp and target logit to ``[splits, N]``
+partials, which torch combines (``logsumexp`` over splits; a few bytes per row, deterministic);
+splitting V keeps the GPU busy when N / BLOCK_N alone is under a wave (``_vocab_splits``). Only
+``lse [N]`` (fp32) is saved for the backward. The reward ``hidden @ value_weight`` rides along in
+the D loop of the first vocab tile (split 0), so the hidden rows it needs are the ones already
+loaded for the logits (each row read once for both).
 
 Backward split: ONE kernel (``_backward_kernel``) over (row block, vocab block) tiles, as in
 cut-cross-entropy. A tile recomputes its logits, forms ``dx`` and then, chunk by chunk over D,
@@ -114,21 +118,25 @@ def _logit_tile(
 @triton.jit
 def _forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr, value_weight_ptr, value_bias_ptr,
-    logp_ptr, lse_ptr, rewards_ptr,
-    N, V, D, ignore_index, inv_temperature, softcap,
+    split_lse_ptr, split_target_ptr, rewards_ptr,
+    N, V, D, num_splits, ignore_index, inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_VALUE: tl.constexpr, HAS_VALUE_BIAS: tl.constexpr,
-    STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
+    # This program's share of the vocabulary: whole tiles, split 0 first (it adds the reward).
+    split = tl.program_id(1)
+    tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), num_splits)
+    v_start = split * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(V, v_start + tiles_per_split * BLOCK_V)
 
     run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
     reward = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < V
         z, _, reward = _logit_tile(
@@ -142,15 +150,14 @@ def _forward_kernel(
         run_max = new_max
         target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
 
-    lse = run_max + tl.log(run_sum)
-    logp = tl.where(targets != ignore_index, target_logit - lse, 0.0)
-    tl.store(logp_ptr + rows, logp, mask=row_mask)
-    if STORE_LSE:
-        tl.store(lse_ptr + rows, lse, mask=row_mask)
+    # Per-split logsumexp (-inf for an empty split) and target logit (0 when not in this split).
+    tl.store(split_lse_ptr + split * N + rows, run_max + tl.log(run_sum), mask=row_mask)
+    tl.store(split_target_ptr + split * N + rows, target_logit, mask=row_mask)
     if HAS_VALUE:
-        if HAS_VALUE_BIAS:
-            reward += tl.load(value_bias_ptr).to(tl.float32)
-        tl.store(rewards_ptr + rows, reward, mask=row_mask)
+        if split == 0:
+            if HAS_VALUE_BIAS:
+                reward += tl.load(value_bias_ptr).to(tl.float32)
+            tl.store(rewards_ptr + rows, reward, mask=row_mask)
 
 
 @triton.jit
@@ -253,7 +260,7 @@ _VALUE_GRAD_BLOCK_N, _VALUE_GRAD_BLOCK_D = 64, 64
 # buffers are zeroed between trial runs. Keys leave out N, which changes every batch.
 _forward_tuned = _backward_tuned = None
 if _dispatch.AUTOTUNE:
-    _forward_tuned = triton.autotune(_AUTOTUNE_CONFIGS, key=["V", "D", "HAS_VALUE", "STORE_LSE"])(_forward_kernel)
+    _forward_tuned = triton.autotune(_AUTOTUNE_CONFIGS, key=["V", "D", "HAS_VALUE"])(_forward_kernel)
     _backward_tuned = triton.autotune(
         _AUTOTUNE_CONFIGS,
         key=["V", "D", "NEED_HIDDEN", "NEED_WEIGHT", "NEED_BIAS"],
@@ -287,10 +294,13 @@ def _block_config(device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def _grid(config: dict, *sizes_and_meta_keys):
-    """Grid over ``cdiv(size, BLOCK)`` pairs; works for fixed and autotuned block sizes."""
-    if config:
-        return tuple(triton.cdiv(size, config[key]) for size, key in sizes_and_meta_keys)
-    return lambda meta: tuple(triton.cdiv(size, meta[key]) for size, key in sizes_and_meta_keys)
+    """Grid of ``cdiv(size, BLOCK)`` per axis (``size`` itself where the key is None); works for
+    fixed and autotuned block sizes."""
+
+    def grid(meta):
+        return tuple(size if key is None else triton.cdiv(size, meta[key]) for size, key in sizes_and_meta_keys)
+
+    return grid(config) if config else grid
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -298,26 +308,44 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _forward_launch(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index, store_lse):
-    """Returns ``(logp [N], lse [N] or None, rewards [N] or None)``, all fp32."""
+def _vocab_splits(n: int, v: int, device: torch.device) -> int:
+    """How many programs share one row block's vocabulary in the forward.
+
+    With one program per row block, N = 16k rows at BLOCK_N = 128 fill 128 programs: under one
+    wave on an H100 (132 SMs), and a generator batch of 2k rows fills 16. Splitting V until
+    there are about two programs per SM (at least 4096 vocab entries each) keeps the GPU busy;
+    the [splits, N] partials are combined by a logsumexp in torch. An empty split (possible
+    when the tile count does not divide well) contributes -inf and changes nothing. The
+    interpreter uses 2 splits whenever V spans 2 tiles, so the tests run the combine.
+    """
+    if device.type != "cuda":
+        return min(2, triton.cdiv(v, _FIXED_CONFIGS["interpreter"][1]))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, triton.cdiv(n, 128)), triton.cdiv(v, 4096)))
+
+
+def _forward_launch(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index):
+    """Returns ``(logp [N], lse [N], rewards [N] or None)``, all fp32."""
     n, d = hidden.shape
     v = weight.shape[0]
     device = hidden.device
-    logp = _empty((n,), torch.float32, device)
-    lse = _empty((n,), torch.float32, device) if store_lse else None
+    splits = _vocab_splits(n, v, device)
+    split_lse = _empty((splits, n), torch.float32, device)
+    split_target = _empty((splits, n), torch.float32, device)
     rewards = _empty((n,), torch.float32, device) if value_weight is not None else None
-    if n == 0:
-        return logp, lse, rewards
-    kernel, config = _kernel_and_config(_forward_kernel, _forward_tuned, device, hidden.dtype)
-    kernel[_grid(config, (n, "BLOCK_N"))](
-        hidden, weight, bias, targets, value_weight, value_bias,
-        logp, lse, rewards,
-        n, v, d, ignore_index, 1.0 / temperature, 1.0 if softcap is None else softcap,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        HAS_VALUE=value_weight is not None, HAS_VALUE_BIAS=value_bias is not None,
-        STORE_LSE=store_lse, DOT_PRECISION=_dot_precision(hidden.dtype),
-        **config,
-    )
+    if n > 0:
+        kernel, config = _kernel_and_config(_forward_kernel, _forward_tuned, device, hidden.dtype)
+        kernel[_grid(config, (n, "BLOCK_N"), (splits, None))](
+            hidden, weight, bias, targets, value_weight, value_bias,
+            split_lse, split_target, rewards,
+            n, v, d, splits, ignore_index, 1.0 / temperature, 1.0 if softcap is None else softcap,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            HAS_VALUE=value_weight is not None, HAS_VALUE_BIAS=value_bias is not None,
+            DOT_PRECISION=_dot_precision(hidden.dtype),
+            **config,
+        )
+    lse = torch.logsumexp(split_lse, dim=0)
+    logp = torch.where(targets != ignore_index, split_target.sum(0) - lse, 0.0)
     return logp, lse, rewards
 
 
@@ -366,7 +394,7 @@ class _LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, value_weight, value_bias, targets, temperature, softcap, ignore_index):
         logp, lse, rewards = _forward_launch(
-            hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index, store_lse=True
+            hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index
         )
         ctx.save_for_backward(hidden, weight, bias, value_weight, targets, lse)
         ctx.temperature, ctx.softcap, ctx.ignore_index = temperature, softcap, ignore_index
@@ -430,9 +458,7 @@ def linear_logprobs_triton(
     vb = None if value_bias is None else value_bias.reshape(1).contiguous()
     inputs = (hidden, weight, bias, vw, vb)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
-        logp, _, rewards = _forward_launch(
-            hidden, weight, targets, bias, vw, vb, temperature, softcap, ignore_index, store_lse=False
-        )
+        logp, _, rewards = _forward_launch(hidden, weight, targets, bias, vw, vb, temperature, softcap, ignore_index)
         return logp, rewards
     logp, rewards = _LinearLogprobsFunction.apply(hidden, weight, bias, vw, vb, targets, temperature, softcap, ignore_index)
     return logp, rewards
