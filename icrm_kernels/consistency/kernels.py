@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .. import _dispatch
+from ..linear_logprobs import kernels as _linear_kernels
 from ..linear_logprobs.kernels import _empty
 from .reference import MEAN_EPS
 
@@ -150,8 +151,8 @@ def _backward_kernel(
 # launchers
 # ----------------------------------------------------------------------------------------------
 
-_BLOCK = {"interpreter": 64, "cuda": 1024}
-_NUM_WARPS = 4
+#: Positions per block: the same on every GPU architecture, small under the interpreter.
+_BLOCK_GPU, _BLOCK_INTERPRETER, _NUM_WARPS = 1024, 64, 4
 _AUTOTUNE_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in [(256, 2), (512, 4), (1024, 4), (2048, 8), (4096, 8)]]
 
 # With ICRM_KERNELS_AUTOTUNE=1, on CUDA only (the interpreter takes the fixed block). Every
@@ -165,7 +166,8 @@ if _dispatch.AUTOTUNE:
 def _kernel_and_config(fixed, tuned, device: torch.device):
     if tuned is not None and device.type == "cuda":
         return tuned, {}
-    return fixed, dict(BLOCK=_BLOCK["cuda" if device.type == "cuda" else "interpreter"], num_warps=_NUM_WARPS)
+    interpreter = _linear_kernels._arch_key(device) == "interpreter"
+    return fixed, dict(BLOCK=_BLOCK_INTERPRETER if interpreter else _BLOCK_GPU, num_warps=_NUM_WARPS)
 
 
 def _as_loadable(mask: torch.Tensor) -> torch.Tensor:

@@ -281,12 +281,17 @@ def _kernel_and_config(fixed, tuned, device: torch.device, dtype: torch.dtype):
     return fixed, _block_config(device, dtype)
 
 
-def _block_config(device: torch.device, dtype: torch.dtype) -> dict:
+def _arch_key(device: torch.device):
+    """Which fixed configuration a device gets: ``"interpreter"``, a CUDA major version, or
+    ``"default"`` (shared with the consistency kernels)."""
     if device.type != "cuda":
-        key = "interpreter"
-    else:
-        major = torch.cuda.get_device_capability(device)[0]
-        key = major if major in _FIXED_CONFIGS else "default"
+        return "interpreter"
+    major = torch.cuda.get_device_capability(device)[0]
+    return major if major in _FIXED_CONFIGS else "default"
+
+
+def _block_config(device: torch.device, dtype: torch.dtype) -> dict:
+    key = _arch_key(device)
     block_n, block_v, block_d, num_warps, num_stages = _FIXED_CONFIGS[key]
     if dtype == torch.float32 and key != "interpreter":
         block_d //= 2
