@@ -249,7 +249,6 @@ def test_weight_grad_accumulates_across_calls():
         ik.linear_logprobs(h, w, targets, bias=b, backend=impl).sum().backward()
         ik.linear_logprobs(h, w, targets2, bias=b, softcap=3.0, backend=impl).mul(0.5).sum().backward()
         grads[impl] = (h.grad, w.grad, b.grad)
-    gold = []
     h, w, b = (inputs[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
     ik.linear_logprobs(h, w, targets, bias=b, backend="reference").sum().backward()
     ik.linear_logprobs(h, w, targets2, bias=b, softcap=3.0, backend="reference").mul(0.5).sum().backward()
