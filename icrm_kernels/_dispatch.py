@@ -6,6 +6,8 @@
   An explicit ``triton`` request never falls back silently: it raises with the reason.
 * ``auto``: Triton on CUDA tensors when Triton imports, reference everywhere else
   (CPU, or the interpreter, which is a debugging tool and not a fast path).
+* float64 inputs always mean the reference (the kernels accumulate in fp32), and bfloat16 is
+  refused under the interpreter (its bf16 ``tl.dot`` is wrong); ``triton`` raises for both.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ BACKENDS = ("auto", "triton", "reference")
 #: ``triton`` is first imported, so changing the variable later has no effect.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-#: Flipped to True when the Triton kernels of every op exist.
-KERNELS_READY = False
+#: Every op has its Triton kernels (``*/kernels.py``); kept as a flag for callers and tests that read it.
+KERNELS_READY = True
 
 #: Opt-in autotuning for the kernels (fixed, documented block sizes otherwise).
 AUTOTUNE = os.environ.get("ICRM_KERNELS_AUTOTUNE", "0") == "1"
@@ -50,10 +52,21 @@ def triton_unavailable_reason(*tensors: torch.Tensor) -> str | None:
     if err is not None:
         return f"triton is not importable ({err})"
     devices = {t.device.type for t in tensors if t is not None}
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if torch.float64 in dtypes:
+        return (
+            "the Triton kernels take float16, bfloat16 or float32 inputs (fp32 accumulation), got float64; "
+            "float64 is the reference's gold path: use backend='reference'"
+        )
     if devices == {"cuda"}:
         return None
     if devices == {"cpu"}:
         if TRITON_INTERPRET:
+            if torch.bfloat16 in dtypes:
+                return (
+                    "bfloat16 inputs cannot run under TRITON_INTERPRET=1 (the interpreter's bfloat16 tl.dot "
+                    "gives wrong results); use float32/float16 there, a CUDA device, or backend='reference'"
+                )
             return None
         return (
             "the inputs are CPU tensors and TRITON_INTERPRET=1 was not set before "
@@ -67,10 +80,6 @@ def select_backend(backend: str, *tensors: torch.Tensor) -> str:
     """Resolve ``backend`` to ``"triton"`` or ``"reference"`` for these input tensors."""
     _check_backend_name(backend)
     if backend == "reference":
-        return "reference"
-    if not KERNELS_READY:
-        if backend == "triton":
-            raise NotImplementedError("backend='triton': the Triton kernels are not implemented yet; use 'reference' or 'auto'")
         return "reference"
     reason = triton_unavailable_reason(*tensors)
     if backend == "triton":

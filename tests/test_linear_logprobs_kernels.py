@@ -1,0 +1,387 @@
+"""Triton kernels of linear_logprobs(_and_rewards): outputs and every gradient against the
+float64 gold with the three-way rule (``interpret``: CPU under TRITON_INTERPRET=1, small shapes;
+``cuda``: realistic shapes, bf16, and the N*V > 2^31 memory check)."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import assert_three_way
+
+import icrm_kernels as ik
+from icrm_kernels import _dispatch
+from icrm_kernels.linear_logprobs import kernels
+from icrm_kernels.linear_logprobs import reference as ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INPUT_NAMES = ("hidden", "weight", "bias", "value_weight", "value_bias")
+
+
+def make_inputs(n, d, v, dtype, *, bias=True, value=True, ignore=(), seed=0, device=DEVICE):
+    """``dict`` of float64 master inputs (cast per run) and int64 targets."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = {
+        "hidden": torch.randn(n, d, generator=g, dtype=torch.float64),
+        "weight": torch.randn(v, d, generator=g, dtype=torch.float64) * (2.0 / math.sqrt(d)),
+        "bias": torch.randn(v, generator=g, dtype=torch.float64) * 0.5 if bias else None,
+        "value_weight": torch.randn(1, d, generator=g, dtype=torch.float64) / math.sqrt(d) if value else None,
+        "value_bias": torch.randn(1, generator=g, dtype=torch.float64) if value else None,
+    }
+    # Round through the test dtype once, so gold and eager see the same values.
+    inputs = {k: None if t is None else t.to(dtype).to(torch.float64).to(device) for k, t in inputs.items()}
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[list(ignore)] = -100
+    return inputs, targets.to(device)
+
+
+def run(inputs, targets, dtype, backend, requires_grad=INPUT_NAMES, upstream_seed=1, **kwargs):
+    """Outputs and gradients of one call: ``{name: tensor}`` (``logp``, ``rewards``, ``d_<input>``)."""
+    leaves = {
+        k: None if t is None else t.to(dtype).detach().requires_grad_(k in requires_grad) for k, t in inputs.items()
+    }
+    if leaves["value_weight"] is None:
+        logp = ik.linear_logprobs(
+            leaves["hidden"], leaves["weight"], targets, bias=leaves["bias"], backend=backend, **kwargs
+        )
+        rewards = None
+    else:
+        logp, rewards = ik.linear_logprobs_and_rewards(
+            leaves["hidden"], leaves["weight"], targets, leaves["value_weight"],
+            bias=leaves["bias"], value_bias=leaves["value_bias"], backend=backend, **kwargs,
+        )
+    out = {"logp": logp, "rewards": rewards}
+    wanted = [k for k, t in leaves.items() if t is not None and t.requires_grad]
+    if wanted:
+        g = torch.Generator().manual_seed(upstream_seed)
+        grad_logp = torch.randn(logp.shape, generator=g).to(logp)
+        loss = (logp * grad_logp).sum()
+        if rewards is not None:
+            loss = loss + (rewards * torch.randn(rewards.shape, generator=g).to(rewards)).sum()
+        for k, grad in zip(wanted, torch.autograd.grad(loss, [leaves[k] for k in wanted])):
+            assert grad.dtype == dtype and grad.shape == leaves[k].shape, k
+            out["d_" + k] = grad
+    return out
+
+
+def check_three_way(inputs, targets, dtype, requires_grad=INPUT_NAMES, **kwargs):
+    kern = run(inputs, targets, dtype, "triton", requires_grad, **kwargs)
+    eager = run(inputs, targets, dtype, "reference", requires_grad, **kwargs)
+    gold = run(inputs, targets, torch.float64, "reference", requires_grad, **kwargs)
+    assert set(kern) == set(gold), f"outputs/gradients differ: {sorted(kern)} vs {sorted(gold)}"
+    for name in gold:
+        if gold[name] is None:
+            assert kern[name] is None, name
+        else:
+            assert kern[name].dtype == (torch.float32 if name in ("logp", "rewards") else dtype), name
+            assert_three_way(kern[name], eager[name], gold[name], dtype, name)
+    return kern, gold
+
+
+# --------------------------------------------------------------------------- interpreter
+
+INTERP_DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", INTERP_DTYPES)
+@pytest.mark.parametrize(
+    "bias,value,softcap,temperature",
+    [
+        (False, False, None, 1.0),
+        (True, False, 4.0, 0.7),
+        (True, True, None, 1.3),
+        (False, True, 2.5, 1.0),
+    ],
+)
+def test_matches_gold_odd_shapes(dtype, bias, value, softcap, temperature):
+    # N, D, V not multiples of the interpreter blocks (16, 16, 32): partial tiles on every axis.
+    inputs, targets = make_inputs(37, 41, 101, dtype, bias=bias, value=value, ignore=(3, 20))
+    check_three_way(inputs, targets, dtype, softcap=softcap, temperature=temperature)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("n,d,v", [(1, 1, 1), (1, 3, 2), (2, 16, 32), (17, 17, 33), (5, 70, 7)])
+def test_tiny_and_boundary_shapes(n, d, v):
+    """Shapes below one block, exactly one block, and one past it on each axis."""
+    inputs, targets = make_inputs(n, d, v, torch.float32, seed=n + d + v)
+    check_three_way(inputs, targets, torch.float32, softcap=2.0)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", INTERP_DTYPES)
+def test_matches_gold_medium_shape(dtype):
+    """The largest interpreter shape: 13 row blocks x 16 vocab tiles x 4 D chunks."""
+    inputs, targets = make_inputs(200, 64, 500, dtype, ignore=range(0, 200, 9), seed=7)
+    check_three_way(inputs, targets, dtype, softcap=10.0, temperature=0.8)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", INTERP_DTYPES)
+def test_online_lse_across_tiles_with_far_apart_maxima(dtype):
+    """Logits ~ +-80 whose maximum sits in a different vocab tile per row: the running sum must
+    be rescaled across tiles (first tile near -80, a later one near +80, or the reverse)."""
+    n, d, v = 24, 20, 160  # 5 vocab tiles of 32
+    inputs, targets = make_inputs(n, d, v, dtype, bias=False, seed=3)
+    hidden, weight = inputs["hidden"].clone(), inputs["weight"].clone() * 0.5
+    tile = torch.arange(v, device=hidden.device) // 32
+    # The last hidden feature is +-1 per row and the last weight column +-80 per tile.
+    weight[:, -1] = torch.tensor([-80.0, 0.0, 40.0, 80.0, -40.0], dtype=torch.float64, device=hidden.device)[tile]
+    hidden[:, -1] = torch.where(torch.arange(n, device=hidden.device) % 2 == 0, 1.0, -1.0)
+    inputs.update(hidden=hidden.to(dtype).double(), weight=weight.to(dtype).double())
+    targets[: n // 2] = torch.randint(0, v, (n // 2,), generator=torch.Generator().manual_seed(5)).to(targets)
+    kern, gold = check_three_way(inputs, targets, dtype, temperature=0.9)
+    logits = (inputs["hidden"] @ inputs["weight"].T).abs()
+    assert logits.max() > 70, "the test must reach logits near +-80"
+    assert torch.isfinite(kern["logp"]).all()
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", INTERP_DTYPES)
+def test_ignore_index_rows_and_custom_ignore_index(dtype):
+    inputs, targets = make_inputs(33, 24, 70, dtype, ignore=range(0, 33, 3))
+    targets = torch.where(targets == -100, torch.full_like(targets, -1), targets)
+    kern, _ = check_three_way(inputs, targets, dtype, ignore_index=-1, softcap=5.0)
+    ignored = targets == -1
+    assert torch.equal(kern["logp"][ignored], torch.zeros_like(kern["logp"][ignored]))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("value", [False, True])
+def test_all_rows_ignored(value):
+    inputs, targets = make_inputs(20, 24, 50, torch.float32, value=value)
+    targets[:] = -100
+    kern, _ = check_three_way(inputs, targets, torch.float32)
+    assert torch.equal(kern["logp"], torch.zeros_like(kern["logp"]))
+    assert torch.equal(kern["d_weight"], torch.zeros_like(kern["d_weight"]))
+    assert torch.equal(kern["d_bias"], torch.zeros_like(kern["d_bias"]))
+    if not value:  # with a value head, hidden still gets the reward gradient
+        assert torch.equal(kern["d_hidden"], torch.zeros_like(kern["d_hidden"]))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "requires_grad",
+    [("hidden",), ("weight",), ("bias",), ("value_weight",), ("hidden", "value_bias"), ("weight", "value_weight")],
+)
+def test_partial_requires_grad(requires_grad):
+    inputs, targets = make_inputs(19, 24, 45, torch.float32, ignore=(4,))
+    kern, _ = check_three_way(inputs, targets, torch.float32, requires_grad=requires_grad, softcap=3.0)
+    assert sorted(k for k in kern if k.startswith("d_")) == sorted("d_" + k for k in requires_grad)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("value_weight_shape,value_bias_shape", [((24,), None), ((24,), ()), ((1, 24), None)])
+def test_value_head_shapes_and_no_value_bias(value_weight_shape, value_bias_shape):
+    inputs, targets = make_inputs(19, 24, 45, torch.float32, ignore=(0,))
+    inputs["value_weight"] = inputs["value_weight"].reshape(value_weight_shape)
+    inputs["value_bias"] = None if value_bias_shape is None else inputs["value_bias"].reshape(value_bias_shape)
+    check_three_way(inputs, targets, torch.float32)
+
+
+@pytest.mark.interpret
+def test_only_one_output_used():
+    """Backward with grad_logp or grad_rewards missing (the other output unused)."""
+    inputs, targets = make_inputs(18, 20, 40, torch.float32, ignore=(1,))
+    results = {}
+    for impl in ("triton", "reference"):
+        leaves = [inputs[k].float().requires_grad_() for k in INPUT_NAMES]
+        h, w, b, vw, vb = leaves
+        logp, rewards = ik.linear_logprobs_and_rewards(h, w, targets, vw, bias=b, value_bias=vb, backend=impl)
+        g_r = torch.autograd.grad(rewards.sum(), leaves, allow_unused=True)
+        logp, rewards = ik.linear_logprobs_and_rewards(h, w, targets, vw, bias=b, value_bias=vb, backend=impl)
+        g_l = torch.autograd.grad(logp.sum(), leaves, allow_unused=True)
+        results[impl] = (g_r, g_l)
+    for kern, eager in zip(results["triton"], results["reference"]):
+        for name, k, e in zip(INPUT_NAMES, kern, eager):
+            if e is None or not bool(e.abs().max() > 0):
+                assert k is None or bool((k == 0).all()), name
+            else:
+                torch.testing.assert_close(k, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.interpret
+def test_outputs_poisoned_with_nan(monkeypatch):
+    """Every buffer the kernels overwrite starts as NaN: an unwritten tile would show."""
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(kernels, "_empty", nan_empty)
+    inputs, targets = make_inputs(35, 40, 99, torch.float32, ignore=(0, 34))
+    check_three_way(inputs, targets, torch.float32, softcap=6.0)
+    with torch.no_grad():
+        check_three_way(inputs, targets, torch.float32, requires_grad=())
+
+
+@pytest.mark.interpret
+def test_no_grad_path_runs_forward_only(monkeypatch):
+    """The frozen-generator path: the forward kernel only, no autograd Function, nothing saved."""
+    applied = []
+    real_apply = kernels._LinearLogprobsFunction.apply
+
+    def spy(*args):
+        applied.append(True)
+        return real_apply(*args)
+
+    monkeypatch.setattr(kernels._LinearLogprobsFunction, "apply", spy)
+    inputs, targets = make_inputs(17, 24, 40, torch.float32, value=False)
+    h, w, b = (inputs[k].float().requires_grad_() for k in ("hidden", "weight", "bias"))
+    with torch.no_grad():
+        logp = ik.linear_logprobs(h, w, targets, bias=b, backend="triton")
+    assert logp.grad_fn is None and not applied
+    logp_frozen = ik.linear_logprobs(h.detach(), w.detach(), targets, bias=b.detach(), backend="triton")
+    assert logp_frozen.grad_fn is None and not applied
+    logp_grad = ik.linear_logprobs(h, w, targets, bias=b, backend="triton")
+    assert logp_grad.grad_fn is not None and applied == [True]
+    assert torch.equal(logp, logp_frozen) and torch.equal(logp, logp_grad.detach())
+
+
+@pytest.mark.interpret
+def test_weight_grad_accumulates_across_calls():
+    inputs, targets = make_inputs(21, 24, 50, torch.float32, ignore=(2,))
+    _, targets2 = make_inputs(21, 24, 50, torch.float32, seed=9)
+    grads = {}
+    for impl in ("triton", "reference"):
+        h, w, b = (inputs[k].float().requires_grad_() for k in ("hidden", "weight", "bias"))
+        ik.linear_logprobs(h, w, targets, bias=b, backend=impl).sum().backward()
+        ik.linear_logprobs(h, w, targets2, bias=b, softcap=3.0, backend=impl).mul(0.5).sum().backward()
+        grads[impl] = (h.grad, w.grad, b.grad)
+    h, w, b = (inputs[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
+    ik.linear_logprobs(h, w, targets, bias=b, backend="reference").sum().backward()
+    ik.linear_logprobs(h, w, targets2, bias=b, softcap=3.0, backend="reference").mul(0.5).sum().backward()
+    gold = (h.grad, w.grad, b.grad)
+    for name, k, e, g in zip(("hidden", "weight", "bias"), grads["triton"], grads["reference"], gold):
+        assert_three_way(k, e, g, torch.float32, "accumulated d_" + name)
+
+
+@pytest.mark.interpret
+def test_non_contiguous_and_batched_inputs():
+    inputs, targets = make_inputs(2 * 3 * 7, 24, 45, torch.float32, ignore=(5,))
+    # hidden as a [2, 7, 3, D] tensor transposed to [2, 3, 7, D]; weight a strided view.
+    hidden = inputs["hidden"].float().reshape(2, 7, 3, 24).transpose(1, 2)
+    weight_wide = torch.zeros(45, 48, dtype=torch.float32, device=hidden.device)
+    weight_wide[:, ::2] = inputs["weight"].float()
+    weight = weight_wide[:, ::2]
+    tgt = targets.reshape(2, 7, 3).transpose(1, 2)
+    assert not hidden.is_contiguous() and not weight.is_contiguous()
+    out = {}
+    for impl in ("triton", "reference"):
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        logp = ik.linear_logprobs(h, w, tgt, softcap=4.0, backend=impl)
+        out[impl] = (logp, *torch.autograd.grad(logp.sum(), [h, w]))
+    for k, e in zip(out["triton"], out["reference"]):
+        assert k.shape == e.shape
+        torch.testing.assert_close(k, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpret
+def test_empty_batch():
+    inputs, _ = make_inputs(0, 16, 40, torch.float32)
+    h, w, vw = (inputs[k].float().requires_grad_() for k in ("hidden", "weight", "value_weight"))
+    targets = torch.zeros(0, dtype=torch.int64, device=h.device)
+    logp, rewards = ik.linear_logprobs_and_rewards(h, w, targets, vw, backend="triton")
+    assert logp.shape == (0,) and rewards.shape == (0,)
+    d_w, d_vw = torch.autograd.grad(logp.sum() + rewards.sum(), [w, vw])
+    assert torch.equal(d_w, torch.zeros_like(w)) and torch.equal(d_vw, torch.zeros_like(vw))
+
+
+@pytest.mark.interpret
+def test_backend_triton_refuses_what_it_cannot_run(monkeypatch):
+    inputs, targets = make_inputs(4, 16, 40, torch.float32)
+    h, w = inputs["hidden"], inputs["weight"]
+    with pytest.raises(RuntimeError, match="bfloat16 inputs cannot run under TRITON_INTERPRET=1"):
+        ik.linear_logprobs(h.bfloat16(), w.bfloat16(), targets, backend="triton")
+    with pytest.raises(RuntimeError, match="got float64"):
+        ik.linear_logprobs(h, w, targets, backend="triton")
+    # auto never picks the interpreter, and float64 / bf16 never error under auto.
+    for dtype in (torch.float64, torch.bfloat16, torch.float32):
+        assert ik.linear_logprobs(h.to(dtype), w.to(dtype), targets).dtype == ref.accumulate_dtype(dtype)
+    monkeypatch.setattr(_dispatch, "TRITON_INTERPRET", False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 was not set"):
+        ik.linear_logprobs(h.float(), w.float(), targets, backend="triton")
+
+
+# --------------------------------------------------------------------------- CUDA
+
+CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("softcap,temperature", [(None, 1.0), (30.0, 0.7)])
+def test_cuda_realistic_shapes(dtype, softcap, temperature):
+    inputs, targets = make_inputs(1031, 1000, 32003, dtype, ignore=range(0, 1031, 7))
+    check_three_way(inputs, targets, dtype, softcap=softcap, temperature=temperature)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def test_cuda_far_apart_maxima_and_all_ignored_blocks(dtype):
+    inputs, targets = make_inputs(515, 256, 50001, dtype, seed=4)
+    targets[:300] = -100  # whole row blocks ignored
+    # +-80 offsets alternating every 4096 vocab entries, through the bias: the running max jumps
+    # between tiles. (Through a weight column, as in the interpreter test, d_hidden would carry
+    # 80 * (bf16 rounding of dx) and test the documented bf16 cast of dx rather than the lse.)
+    tile_sign = torch.where(torch.arange(50001, device="cuda") // 4096 % 2 == 0, -1.0, 1.0).double()
+    inputs["bias"] = 80.0 * tile_sign + inputs["bias"]
+    check_three_way(inputs, targets, dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_no_nv_buffer_when_nv_exceeds_int32():
+    """N * V > 2^31: int64 indexing stays right, and peak memory during forward + backward stays
+    below inputs + gradients + 10%, which an N x V buffer (8.7 GB here) could never meet.
+
+    fp32, because there the kernel's fp32 accumulators ARE the gradients; for fp16/bf16 inputs
+    the fp32 accumulators [N, D] + [V, D] come on top until the final cast (see kernels.py)."""
+    n, d, v = 17000, 128, 128256
+    assert n * v > 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(n, d, device="cuda", generator=g).requires_grad_()
+    weight = (torch.randn(v, d, device="cuda", generator=g) / math.sqrt(d)).requires_grad_()
+    targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+    targets[-5:] = v - 1  # the last rows and last vocab entries: the largest offsets
+    torch.cuda.synchronize()
+    inputs_bytes = sum(t.numel() * t.element_size() for t in (hidden, weight, targets))
+    grads_bytes = hidden.numel() * 4 + weight.numel() * 4
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()  # the inputs (plus whatever earlier tests left alive)
+    logp = ik.linear_logprobs(hidden, weight, targets, backend="triton")
+    logp.sum().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    # peak <= inputs + gradients + 10%, counting from the memory already held.
+    assert extra <= grads_bytes + 0.1 * (inputs_bytes + grads_bytes), f"{extra / 2**20:.0f} MiB over the inputs"
+    # Correctness at this size too (three-way, against the chunked reference in fp32 and fp64).
+    kern = (logp.detach(), hidden.grad, weight.grad)
+    for dtype in (torch.float32, torch.float64):
+        h, w = hidden.detach().to(dtype).requires_grad_(), weight.detach().to(dtype).requires_grad_()
+        lp = ik.linear_logprobs(h, w, targets, backend="reference")
+        lp.sum().backward()
+        if dtype == torch.float32:
+            eager = (lp.detach(), h.grad, w.grad)
+        else:
+            gold = (lp.detach(), h.grad, w.grad)
+        del h, w, lp
+    for name, k, e, gd in zip(("logp", "d_hidden", "d_weight"), kern, eager, gold):
+        assert_three_way(k, e, gd, torch.float32, name)
+
+
+# --------------------------------------------------------------------------- GPU compile, no GPU
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_and_sm80():
+    """Every launch the launchers make compiles for sm_90 and sm_80 (tests/gpu_compile.py)."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("this triton install has no bundled ptxas")
+    script = os.path.join(os.path.dirname(__file__), "gpu_compile.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, script, "linear_logprobs"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
