@@ -23,9 +23,6 @@ BACKENDS = ("auto", "triton", "reference")
 #: ``triton`` is first imported, so changing the variable later has no effect.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-#: Every op has its Triton kernels (``*/kernels.py``); kept as a flag for callers and tests that read it.
-KERNELS_READY = True
-
 #: Opt-in autotuning for the kernels (fixed, documented block sizes otherwise).
 AUTOTUNE = os.environ.get("ICRM_KERNELS_AUTOTUNE", "0") == "1"
 

@@ -167,7 +167,6 @@ def test_dispatch_resolution(monkeypatch):
     assert _dispatch.select_backend("auto", cpu) == "reference"
     with pytest.raises(ValueError, match="backend must be one of"):
         _dispatch.select_backend("fast", cpu)
-    monkeypatch.setattr(_dispatch, "KERNELS_READY", True)
     monkeypatch.setattr(_dispatch, "TRITON_INTERPRET", False)
     assert _dispatch.select_backend("auto", cpu) == "reference"
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
