@@ -246,6 +246,20 @@ class Generator(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    @classmethod
+    def from_reward_model(cls, rm: RewardModel, *, temperature: float = 1.0, backend: str = "auto") -> "Generator":
+        """A frozen copy of the reward model's current backbone and LM-head copy (its starting policy)."""
+        if rm.lm_head is None:
+            raise ValueError("the reward model has no LM-head copy (sft_regularizer=false); pass generator= "
+                             "or set generator_name_or_path")
+        gen = cls.__new__(cls)
+        nn.Module.__init__(gen)
+        gen.backbone, gen.lm_head = rm.merged_backbone(), copy.deepcopy(rm.lm_head)
+        gen.softcap, gen.temperature, gen.backend = rm.softcap, temperature, backend
+        gen.requires_grad_(False)
+        gen.eval()
+        return gen
+
     def train(self, mode: bool = True):  # always eval: no dropout in the frozen policy
         return super().train(False)
 
@@ -313,14 +327,15 @@ def export_sequence_classification(rm: RewardModel, tokenizer, directory: str) -
     """
     import warnings
 
+    backbone = rm.merged_backbone()
     config = copy.deepcopy(rm.config)
     config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id
-    arch = type(rm.merged_backbone()).__name__.removesuffix("Model")
+    arch = type(backbone).__name__.removesuffix("Model")
     config.architectures = [f"{arch}ForSequenceClassification"]
     config.id2label, config.label2id = {0: "LABEL_0"}, {"LABEL_0": 0}
     model = AutoModelForSequenceClassification.from_config(config)
-    getattr(model, model.base_model_prefix).load_state_dict(rm.merged_backbone().state_dict())
+    getattr(model, model.base_model_prefix).load_state_dict(backbone.state_dict())
     with torch.no_grad():
         model.score.weight.copy_(rm.score.weight.detach().reshape(1, -1))
     if rm.score.bias is not None and float(rm.score.bias.detach().abs().max()) > 0:

@@ -6,8 +6,8 @@ structure ICRM is about): two adjacent steps swapped, a step that writes a numbe
 the list, or a skipped step. Everything before the faulty step is correct, so the
 per-token reward should drop exactly there.
 
-Run ``python -m icrm.data.generate`` to rewrite ``sort_train.jsonl`` and ``sort_eval.jsonl``
-next to this file (fixed seed, disjoint prompts between the splits).
+Run ``python scripts/make_dataset.py`` to rewrite ``icrm/data/sort_train.jsonl`` and
+``icrm/data/sort_eval.jsonl`` (fixed seed, disjoint prompts between the splits).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num-train", type=int, default=4000)
     parser.add_argument("--num-eval", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file__)))
+    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "icrm", "data"))
     args = parser.parse_args(argv)
     train, held_out = generate(args.num_train, args.num_eval, args.seed)
     for name, rows in (("sort_train.jsonl", train), ("sort_eval.jsonl", held_out)):
