@@ -108,7 +108,8 @@ def icrm_loss(
     if not (0.0 <= reg_ratio <= 1.0):
         raise ValueError(f"reg_ratio must lie in [0, 1], got {reg_ratio}")
 
-    rewards = rewards.float()
+    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    rewards = rewards.to(acc)
     num_pairs = rewards.shape[0] // 2
     zero = rewards.new_zeros(())
 
@@ -123,19 +124,19 @@ def icrm_loss(
     loss_mask = labels[:, 1:] != IGNORE_INDEX
     if gen_logprobs is not None:
         m = pair_mask(loss_mask)
-        weights = weight_scale * torch.exp(gen_logprobs.detach().float())
+        weights = weight_scale * torch.exp(gen_logprobs.detach().to(acc))
         other = torch.cat([torch.arange(num_pairs, 2 * num_pairs), torch.arange(num_pairs)]).to(rewards.device)
         detached = rewards.detach()
         if baseline == "row_mean":
             row_baseline = detached.mean(dim=1)
         else:
-            on_response = (labels != IGNORE_INDEX).float()
+            on_response = (labels != IGNORE_INDEX).to(acc)
             row_baseline = (detached * on_response).sum(dim=1) / on_response.sum(dim=1)
         base = row_baseline[other]
         sign = torch.cat([rewards.new_ones(num_pairs), -rewards.new_ones(num_pairs)])
         cons_loss = consistency_loss(rewards, weights, m, base, sign, kind=kind, eps=eps, reduction="mean", backend=backend)
         d = torch.sigmoid(sign[:, None] * (detached - base[:, None]))
-        mf = m.float()
+        mf = m.to(acc)
         omega = (((d[:, :-1] + d[:, 1:]) / 2) * weights * mf).sum() / (mf.sum() + MEAN_EPS)
     else:
         cons_loss, omega = zero, zero
@@ -144,8 +145,8 @@ def icrm_loss(
 
     # GRM SFT regularizer on the chosen rows (the backbone-gradient scale lives in the model).
     if sft_logprobs is not None:
-        chosen_mask = loss_mask[:num_pairs].float()
-        per_row = (sft_logprobs[:num_pairs].float() * chosen_mask).sum(dim=1) / chosen_mask.sum(dim=1).clamp_min(1.0)
+        chosen_mask = loss_mask[:num_pairs].to(acc)
+        per_row = (sft_logprobs[:num_pairs].to(acc) * chosen_mask).sum(dim=1) / chosen_mask.sum(dim=1).clamp_min(1.0)
         sft_loss = -per_row.mean()
     else:
         sft_loss = zero

@@ -123,7 +123,7 @@ class _Trainer:
         self.rank, self.world_size, local_rank = init_distributed()
         self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device)
-        self.train_dataset = _as_dataset(train_dataset, tokenizer, args.max_length, "train")
+        self._train_source, self._train_dataset = train_dataset, None  # tokenized on first use
         self.eval_dataset = _as_dataset(eval_dataset, tokenizer, args.max_length, "eval")
         self.module = self.model
         if self.world_size > 1:
@@ -152,6 +152,12 @@ class _Trainer:
         raise NotImplementedError
 
     # --- setup --------------------------------------------------------------------------
+    @property
+    def train_dataset(self):
+        if self._train_dataset is None and self._train_source is not None:
+            self._train_dataset = _as_dataset(self._train_source, self.tokenizer, self.args.max_length, "train")
+        return self._train_dataset
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -449,8 +455,8 @@ class RewardTrainer(_Trainer):
         num_pairs = seq.shape[0] // 2
         margin = seq[:num_pairs] - seq[num_pairs:]
         metrics = {
-            "loss": float(out.loss), "bt_loss": float(out.bt_loss), "align_loss": float(out.align_loss),
-            "sft_loss": float(out.sft_loss), "omega": float(out.omega), "smooth_weight": out.smooth_weight,
+            "loss": float(out.loss.detach()), "bt_loss": float(out.bt_loss.detach()), "align_loss": float(out.align_loss.detach()),
+            "sft_loss": float(out.sft_loss.detach()), "omega": float(out.omega), "smooth_weight": out.smooth_weight,
             "accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean()),
             "min_reward": float(seq.min()), "mean_reward": float(seq.mean()), "max_reward": float(seq.max()),
         }
@@ -558,7 +564,7 @@ class SFTTrainer(_Trainer):
         logp = module(batch["input_ids"], batch["attention_mask"], batch["labels"])
         mask = (batch["labels"][:, 1:] != IGNORE_INDEX).float()
         loss = -(logp * mask).sum() / mask.sum()
-        return loss, {"loss": float(loss)}
+        return loss, {"loss": float(loss.detach())}
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None) -> dict[str, float]:
@@ -642,3 +648,76 @@ def run_main_job(cfg: RewardConfig, *, echo=print) -> dict:
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=1)
     return summary
+
+
+# ------------------------------------------------------------------------------------------
+# `icrm eval` and `icrm score`
+
+def evaluate_file(model_dir: str, eval_file: str, *, max_length: int, batch_size: int = 64, backend: str = "auto") -> dict:
+    """Pairwise accuracy, mean margin, BT (+ SFT) loss and per-token reward statistics of a saved RM."""
+    from .model import load_reward_model
+
+    rm, tokenizer = load_reward_model(model_dir, backend=backend)
+    args = RewardConfig(model_name_or_path=model_dir, eval_file=eval_file, max_length=max_length, reg_ratio=0.0,
+                        sft_regularizer=rm.lm_head is not None, per_device_eval_batch_size=batch_size, kernels=backend,
+                        output_dir=os.path.join(model_dir, "eval"))
+    trainer = RewardTrainer(model=rm, args=args, eval_dataset=eval_file, processing_class=tokenizer)
+    return trainer.evaluate()
+
+
+def _score_inputs(row, tokenizer) -> list[tuple[str, str, str]]:
+    """``[(name, prompt text, response text)]`` of one ``icrm score`` input row."""
+    from .data import BadRow, normalize_row
+
+    if isinstance(row, dict) and "response" in row:
+        if not isinstance(row.get("prompt", ""), str) or not isinstance(row["response"], str) or not row["response"].strip():
+            raise BadRow("'prompt' must be a string and 'response' a non-empty string")
+        return [("response", row.get("prompt", ""), row["response"])]
+    if isinstance(row, dict) and "messages" in row:
+        msgs = row["messages"]
+        if not msgs or msgs[-1].get("role") != "assistant":
+            raise BadRow("'messages' must end with an assistant message")
+        prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(msgs, tokenize=False)
+        return [("response", prompt, full[len(prompt):])]
+    prompt, chosen, rejected, _ = normalize_row(row, tokenizer)
+    return [("chosen", prompt, chosen), ("rejected", prompt, rejected)]
+
+
+@torch.no_grad()
+def score_file(model_dir: str, input_file: str, output_file: str = "-", *, max_length: int, backend: str = "auto") -> int:
+    """Write one JSON line per input row: ``<name>_reward`` and ``<name>_token_rewards`` (response tokens)."""
+    import sys
+
+    from .data import BadRow, read_rows, tokenize_pair
+    from .model import load_reward_model
+
+    rm, tokenizer = load_reward_model(model_dir, backend=backend)
+    rm.eval()
+    out = sys.stdout if output_file == "-" else open(output_file, "w")
+    written = 0
+    try:
+        for index, row in enumerate(read_rows(input_file)):
+            record = {"index": index}
+            try:
+                parts = _score_inputs(row, tokenizer)
+            except BadRow as exc:
+                record["error"] = str(exc)
+                parts = []
+            for name, prompt, response in parts:
+                tokenized = tokenize_pair(prompt, response, tokenizer, max_length)
+                if tokenized is None:
+                    record["error"] = f"prompt does not fit max_length={max_length}"
+                    continue
+                ids, prompt_len, _ = tokenized
+                rewards, _ = rm(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+                token_rewards = rewards[0, prompt_len:].tolist()
+                record[f"{name}_reward"] = token_rewards[-1]
+                record[f"{name}_token_rewards"] = token_rewards
+                record[f"{name}_tokens"] = tokenizer.convert_ids_to_tokens(ids[prompt_len:])
+            out.write(json.dumps(record) + "\n")
+            written += 1
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return written
