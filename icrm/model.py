@@ -176,8 +176,8 @@ class RewardModel(nn.Module):
         """
         hidden = last_hidden(self.backbone, input_ids, attention_mask)
         if sft_targets is None or self.lm_head is None:
-            rewards = self.score(hidden).squeeze(-1).float()
-            return rewards, None
+            rewards = self.score(hidden).squeeze(-1)
+            return rewards.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32), None
         s = self.sft_grad_scale
         # The fused op reads `hidden` once for both outputs, but only the SFT term's gradient
         # to the backbone is to be scaled by s. Feed it a gradient-scaled view of `hidden`, then
@@ -192,7 +192,7 @@ class RewardModel(nn.Module):
         )
         if s != 1.0:
             value_weight = self.score.weight.reshape(-1).to(hidden.dtype)
-            rewards = rewards + (1.0 - s) * (hidden @ value_weight - hidden.detach() @ value_weight).float()
+            rewards = rewards + (1.0 - s) * (hidden @ value_weight - hidden.detach() @ value_weight).to(rewards.dtype)
         return rewards, logp
 
     # ---------------------------------------------------------------------------------------
