@@ -57,7 +57,7 @@ class RewardConfig:
     per_device_train_batch_size: int = _help("Preference pairs per process per micro-batch.", default=16)
     per_device_eval_batch_size: int = _help("Preference pairs per process per eval batch.", default=64)
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
-    num_train_epochs: float = _help("Epochs over the training data (ignored when max_steps > 0).", default=1.0)
+    num_train_epochs: float = _help("Epochs over the training data (ignored when max_steps > 0).", default=2.0)
     max_steps: int = _help("Optimizer steps (> 0 overrides num_train_epochs).", default=-1)
     seed: int = _help("Seed of model init, data order and RNG.", default=42)
     center_rewards_coefficient: float | None = _help("TRL's reward-centering term coef * mean((R_c + R_r)^2).", default=None)
@@ -85,10 +85,12 @@ class RewardConfig:
     generator_name_or_path: str | None = _help("Frozen generator (causal LM folder); default: a copy of the starting model.", default=None)
     padding_free: bool = _help("Packed batches with cu_seqlens (not implemented yet: must be false).", default=False)
     kernels: str = _help(f"icrm_kernels backend, one of {KERNEL_BACKENDS}.", default="auto")
+    cpu_threads: int | None = _help("torch CPU threads (0: torch's default; none: 1 for models of hidden size <= 256, "
+                                    "which gain nothing from more and slow down badly when cores are shared).", default=None)
     value_head_bias: bool = _help("Give the value head a bias (the exported HF model has none and drops it).", default=False)
     # --- the main job's pipeline (ours) -------------------------------------------------
     run_sft: bool = _help("`icrm train`: first fine-tune the starting model on the chosen responses (the authors' stage 1) and use it as backbone init and generator.", default=True)
-    sft_max_steps: int = _help("Optimizer steps of that SFT stage.", default=300)
+    sft_max_steps: int = _help("Optimizer steps of that SFT stage.", default=800)
     sft_learning_rate: float = _help("Learning rate of that SFT stage.", default=3e-3)
     compare_bt: bool = _help("`icrm train`: also train a Bradley-Terry baseline from the same init and print both accuracies.", default=True)
 
@@ -104,6 +106,8 @@ class RewardConfig:
         for name in ("eval_steps", "save_steps", "sft_max_steps"):
             _check_int(name, getattr(self, name), minimum=0)
         _check_int("max_steps", self.max_steps, minimum=-1)
+        if self.cpu_threads is not None:
+            _check_int("cpu_threads", self.cpu_threads, minimum=0)
         _check_int("seed", self.seed, minimum=0)
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 (a prompt token and a response token), got {self.max_length}")

@@ -55,6 +55,14 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_cpu_threads(requested: int | None, hidden_size: int) -> None:
+    """``cpu_threads``: 0 keeps torch's default; None means 1 for small models (<= 256 wide)."""
+    if requested is None:
+        requested = 1 if hidden_size <= 256 else 0
+    if requested > 0:
+        torch.set_num_threads(requested)
+
+
 def init_distributed() -> tuple[int, int, int]:
     """``(rank, world_size, local_rank)``; joins the process group under ``torchrun``."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -122,6 +130,8 @@ class _Trainer:
         self.args, self.tokenizer = args, tokenizer
         self.rank, self.world_size, local_rank = init_distributed()
         self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            set_cpu_threads(args.cpu_threads, model.config.hidden_size)
         self.model = model.to(self.device)
         self._train_source, self._train_dataset = train_dataset, None  # tokenized on first use
         self.eval_dataset = _as_dataset(eval_dataset, tokenizer, args.max_length, "eval")
