@@ -94,13 +94,8 @@ def load_causal_lm(name_or_path: str, tokenizer, *, seed: int = 0) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config)
-    elif os.path.isdir(name_or_path):
+    else:  # a local folder, or a hub id where the machine can download
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
-    else:
-        raise ValueError(
-            f"model_name_or_path must be '{BUILTIN_MODEL}', a config .json or a local model folder "
-            f"(no hub downloads here), got {name_or_path!r}"
-        )
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -37,7 +37,7 @@ from icrm_kernels import linear_logprobs
 from .config import RewardConfig
 from .data import IGNORE_INDEX, PreferenceDataset, collate_pairs, collate_sft, epoch_batches
 from .model import (
-    Generator, RewardModel, apply_lora, decoder_of, last_hidden, load_causal_lm, load_tokenizer,
+    RM_CONFIG_NAME, Generator, RewardModel, apply_lora, decoder_of, last_hidden, load_causal_lm, load_tokenizer,
     save_reward_model, shifted_targets,
 )
 from .objective import INITIAL_SMOOTH_WEIGHT, icrm_loss
@@ -160,6 +160,9 @@ class _Trainer:
 
     def save_model(self, output_dir: str | None = None) -> str:
         raise NotImplementedError
+
+    def _write_model_meta(self, directory: str) -> None:
+        """Extra files that make a checkpoint loadable on its own (none by default)."""
 
     # --- setup --------------------------------------------------------------------------
     @property
@@ -302,8 +305,11 @@ class _Trainer:
 
     def plot(self) -> str | None:
         """``training.png``: loss parts and accuracy against the optimizer step."""
-        import matplotlib
-
+        try:
+            import matplotlib
+        except ImportError:
+            print("icrm: matplotlib is not installed; skipping training.png (pip install matplotlib)")
+            return None
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -349,6 +355,7 @@ class _Trainer:
             save_file(self._model_state(), os.path.join(tmp, "model.safetensors"))
             self.tokenizer.save_pretrained(tmp)
             self.model.config.save_pretrained(tmp)
+            self._write_model_meta(tmp)
             torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
             torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
             if self.scaler:
@@ -506,6 +513,12 @@ class RewardTrainer(_Trainer):
     def _model_state(self):
         return self.model.trainable_state_dict()
 
+    def _write_model_meta(self, directory: str) -> None:
+        meta = {"value_head_bias": self.model.value_head_bias, "with_lm_head": self.model.lm_head is not None,
+                "full": not getattr(self.model, "is_peft", False)}
+        with open(os.path.join(directory, RM_CONFIG_NAME), "w") as fh:
+            json.dump(meta, fh, indent=2)
+
     def _load_model_state(self, state):
         self.model.load_trainable_state_dict(state)
 
@@ -627,6 +640,9 @@ def run_main_job(cfg: RewardConfig, *, echo=print) -> dict:
     ``training.png``, and ``<output_dir>/summary.json``.
     """
     start = time.perf_counter()
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if not is_main:
+        echo = lambda *_: None  # noqa: E731  (one copy of the report under torchrun)
     base = cfg.model_name_or_path
     summary: dict = {"config": cfg.to_dict()}
     if cfg.run_sft and cfg.sft_max_steps > 0:
@@ -653,7 +669,7 @@ def run_main_job(cfg: RewardConfig, *, echo=print) -> dict:
                 lines.append(f"  {label:<28s} {summary[name]['eval_accuracy']:.4f}")
         lines.append(f"  wall time {summary['wall_s']:.0f} s; outputs in {cfg.output_dir}")
         echo("\n".join(lines))
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=1)
