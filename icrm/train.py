@@ -131,7 +131,7 @@ class _Trainer:
         self.rank, self.world_size, local_rank = init_distributed()
         self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
-            set_cpu_threads(args.cpu_threads, model.config.hidden_size)
+            set_cpu_threads(args.cpu_threads, model.config.get_text_config().hidden_size)
         self.model = model.to(self.device)
         self._train_source, self._train_dataset = train_dataset, None  # tokenized on first use
         self.eval_dataset = _as_dataset(eval_dataset, tokenizer, args.max_length, "eval")

@@ -73,7 +73,8 @@ def test_train_with_yaml_config(files, tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"train_file: {files / 'train.jsonl'}\neval_file: null\nrun_sft: false\ncompare_bt: false\n"
                    f"reg_ratio: 0.5\noutput_dir: {tmp_path / 'out'}\n")
-    assert main(["train", "--config", str(cfg), *TINY, "--use_peft", "true", "--lora_r", "4"]) == 0
+    assert main(["train", "--config", str(cfg), *TINY, "--use_peft", "true", "--lora_r", "4",
+                 "--gradient_checkpointing", "true"]) == 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["config"]["reg_ratio"] == 0.5
 
 
@@ -121,3 +122,19 @@ def test_bad_value_is_a_clear_error(capsys):
     assert main(["train", "--learning_rate", "-1"]) == 2
     assert "learning_rate must be > 0.0" in capsys.readouterr().err
     assert main(["eval", "--model", "/nonexistent"]) == 2
+
+
+def test_shipped_config_is_the_default_job():
+    from icrm.config import CONFIG_DIR
+
+    assert RewardConfig.from_yaml(os.path.join(CONFIG_DIR, "tiny.yaml")) == RewardConfig()
+
+
+@pytest.mark.slow
+def test_default_main_job(tmp_path, capsys):
+    """The README's `icrm train` (defaults; only output_dir moved): both models learn the shipped task."""
+    assert main(["train", "--output_dir", str(tmp_path / "runs")]) == 0
+    text = capsys.readouterr().out
+    assert "ICRM (reg_ratio=0.1)" in text and "Bradley-Terry baseline" in text
+    summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
+    assert summary["icrm"]["eval_accuracy"] > 0.85 and summary["bt"]["eval_accuracy"] > 0.85
