@@ -105,7 +105,7 @@ def main(argv=None) -> int:
 
             rm, tokenizer = load_reward_model(ns.model, backend="reference")
             print(export_sequence_classification(rm, tokenizer, ns.output))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
         print(f"icrm {ns.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -112,8 +112,16 @@ def decoder_of(causal_lm: nn.Module) -> nn.Module:
 
 
 def last_hidden(decoder: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+    """``[R, T, D]`` last hidden states, in the autocast dtype when autocast is on.
+
+    HF decoders keep the residual stream (and so the final norm's output) in the weights'
+    dtype under autocast; casting here lets the fused ops read bf16/fp16 as the kernels expect.
+    """
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
+        hidden = hidden.to(torch.get_autocast_dtype("cuda"))
+    return hidden
 
 
 def shifted_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
