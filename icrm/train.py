@@ -176,8 +176,12 @@ class _Trainer:
         return self.rank == 0
 
     def _batches(self, epoch: int) -> list[list[int]]:
-        return epoch_batches(len(self.train_dataset), self.args.per_device_train_batch_size, seed=self.args.seed,
-                             epoch=epoch, rank=self.rank, world_size=self.world_size)
+        if getattr(self, "_batches_epoch", None) != epoch:
+            self._batches_epoch = epoch
+            self._epoch_batches = epoch_batches(len(self.train_dataset), self.args.per_device_train_batch_size,
+                                                seed=self.args.seed, epoch=epoch, rank=self.rank,
+                                                world_size=self.world_size)
+        return self._epoch_batches
 
     def _total_steps(self) -> int:
         if self.args.max_steps > 0:
@@ -378,6 +382,9 @@ class _Trainer:
                 os.replace(tmp, final)
             for old in list_checkpoints(out)[: -self.args.save_total_limit]:
                 shutil.rmtree(old)
+            for name in os.listdir(out):  # leftovers of a run killed mid-save
+                if name.startswith(f"tmp-{CHECKPOINT_PREFIX}") or (name.startswith(CHECKPOINT_PREFIX) and name.endswith(".old")):
+                    shutil.rmtree(os.path.join(out, name), ignore_errors=True)
         self._barrier()
         return final
 
