@@ -158,8 +158,48 @@ def test_margin_and_centering_follow_trl():
 
 
 def test_pair_mask_drops_first_response_pair():
-    loss_mask = torch.tensor([[False, True, True, True, False], [True, True, False, False, False]])
-    assert pair_mask(loss_mask).tolist() == [[False, False, True, True, False], [False, True, False, False, False]]
+    loss_mask = torch.tensor([False, True, True, True, False, True, True, False, False])
+    seg = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 2])
+    assert pair_mask(loss_mask, seg).tolist() == [False, False, True, True, False, False, True, False, False]
+
+
+def pack(rewards, labels, gen_lp, sft_lp):
+    """Drop the right padding of a padded batch: the packed inputs and their cu_seqlens."""
+    lengths = [int((labels[s] != IGNORE).nonzero().max()) + 1 for s in range(labels.shape[0])]
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    pad = lambda t: F.pad(t, (0, 1))  # noqa: E731  [S, T-1] -> [S, T]
+    cat = lambda t: torch.cat([t[s, :n] for s, n in enumerate(lengths)])  # noqa: E731
+    return cat(rewards), cat(labels), cat(pad(gen_lp)), cat(pad(sft_lp)), cu, lengths
+
+
+@pytest.mark.parametrize("kind", ["log", "squared"])
+def test_packed_equals_padded_with_response_mean(kind):
+    rewards, labels, gen_lp, sft_lp = make_batch(seed=11)
+    opts = dict(smooth_weight=0.4, reg_ratio=0.3, kind=kind, baseline="response_mean", backend="reference")
+    padded = icrm_loss(rewards, labels, gen_lp, sft_lp, **opts)
+    g_padded = torch.autograd.grad(padded.loss, rewards)[0]
+    p_rewards, p_labels, p_gen, p_sft, cu, lengths = pack(rewards.detach(), labels, gen_lp, sft_lp.detach())
+    p_rewards.requires_grad_()
+    packed = icrm_loss(p_rewards, p_labels, p_gen, p_sft, cu_seqlens=cu, **opts)
+    g_packed = torch.autograd.grad(packed.loss, p_rewards)[0]
+    for name in ("loss", "bt_loss", "align_loss", "sft_loss", "omega"):
+        torch.testing.assert_close(getattr(packed, name), getattr(padded, name), rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(g_packed, torch.cat([g_padded[s, :n] for s, n in enumerate(lengths)]))
+
+
+def test_packed_row_mean_averages_the_segment_only():
+    rewards, labels, gen_lp, sft_lp = make_batch(seed=12)
+    p_rewards, p_labels, p_gen, p_sft, cu, lengths = pack(rewards.detach(), labels, gen_lp, sft_lp.detach())
+    got = icrm_loss(p_rewards, p_labels, p_gen, p_sft, cu_seqlens=cu, smooth_weight=0.5, backend="reference")
+    # Fill each padded row's tail with the row's own mean: the padded row mean then equals the
+    # segment mean, so the padded spec gives the packed answer.
+    filled = rewards.detach().clone()
+    for s, n in enumerate(lengths):
+        filled[s, n:] = filled[s, :n].mean()
+    want = spec_loss(filled, labels, gen_lp, sft_lp.detach(), smooth_weight=0.5, training=True, reg_ratio=0.1,
+                     weight_scale=2.0, kind="log", baseline="row_mean", eps=1e-6)
+    torch.testing.assert_close(got.loss, want[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.align_loss, want[2], rtol=1e-10, atol=1e-12)
 
 
 def test_reward_read_at_last_label_token():
