@@ -81,9 +81,11 @@ class RewardConfig:
     weight_scale: float = _help("Pair weight w_t = weight_scale * exp(g_t).", default=2.0)
     gen_temperature: float = _help("Temperature dividing the generator's logits (= 1 / the authors' temp_ratio).", default=1.0)
     consistency_kind: str = _help(f"Consistency loss kind, one of {CONSISTENCY_KINDS}.", default="log")
-    baseline: str = _help(f"Consistency baseline, one of {BASELINES}.", default="row_mean")
+    baseline: str | None = _help(f"Consistency baseline, one of {BASELINES}; none: row_mean (the authors') for padded "
+                                 "batches, response_mean for padding_free ones.", default=None)
     generator_name_or_path: str | None = _help("Frozen generator (causal LM folder); default: a copy of the starting model.", default=None)
-    padding_free: bool = _help("Packed batches with cu_seqlens (not implemented yet: must be false).", default=False)
+    padding_free: bool = _help("Pack each batch into one row with cu_seqlens and restarting position_ids (no padding); "
+                               "needs a model whose causal mask honours position_ids (checked at start).", default=False)
     kernels: str = _help(f"icrm_kernels backend, one of {KERNEL_BACKENDS}.", default="auto")
     cpu_threads: int | None = _help("torch CPU threads (0: torch's default; none: 1 for models of hidden size <= 256, "
                                     "which gain nothing from more and slow down badly when cores are shared).", default=None)
@@ -125,16 +127,13 @@ class RewardConfig:
             _check_float("center_rewards_coefficient", self.center_rewards_coefficient, lo=0.0)
         for name, choices in (("consistency_kind", CONSISTENCY_KINDS), ("baseline", BASELINES),
                               ("kernels", KERNEL_BACKENDS), ("lr_scheduler_type", SCHEDULERS)):
-            if getattr(self, name) not in choices:
+            if getattr(self, name) not in choices and not (name == "baseline" and self.baseline is None):
                 raise ValueError(f"{name} must be one of {tuple(choices)}, got {getattr(self, name)!r}")
         for name in ("model_name_or_path", "train_file", "output_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are both true; choose at most one")
-        if self.padding_free:
-            raise ValueError("padding_free=true is not implemented in this trainer yet (the consistency op supports "
-                             "cu_seqlens; the model side does not); set padding_free: false")
         if self.lora_target_modules is not None and (
             not isinstance(self.lora_target_modules, list) or not all(isinstance(m, str) and m for m in self.lora_target_modules)
         ):

@@ -222,7 +222,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return self.examples[index]
 
 
-def _pad_rows(seqs: list[list[int]], prompt_lens: list[int], pad_id: int):
+def _pad_rows(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids, attention_mask, labels [R, T]``."""
     length = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), length), IGNORE_INDEX, dtype=torch.long)
@@ -231,25 +232,39 @@ def _pad_rows(seqs: list[list[int]], prompt_lens: list[int], pad_id: int):
         input_ids[i, : len(s)] = torch.tensor(s)
         labels[i, p : len(s)] = torch.tensor(s[p:])
         attention_mask[i, : len(s)] = 1
-    return input_ids, attention_mask, labels
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def collate_pairs(examples: list[PreferenceExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """B pairs -> ``input_ids, attention_mask, labels [2B, T]`` (chosen rows first), ``margin [B]`` or absent."""
+def _pack_rows(seqs: list[list[int]], prompt_lens: list[int]) -> dict[str, torch.Tensor]:
+    """Padding-free ``input_ids, position_ids, labels [1, N]`` and ``cu_seqlens [R + 1]``.
+
+    ``position_ids`` restart at 0 for every sequence, which is how transformers' causal-mask
+    builder recognises packed sequences (block-diagonal attention, no ``attention_mask``).
+    """
+    input_ids = torch.tensor([t for s in seqs for t in s])[None]
+    labels = torch.tensor([t for s, p in zip(seqs, prompt_lens) for t in [IGNORE_INDEX] * p + s[p:]])[None]
+    position_ids = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    cu_seqlens = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "cu_seqlens": cu_seqlens}
+
+
+def collate_pairs(examples: list[PreferenceExample], pad_token_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
+    """B pairs -> ``input_ids, attention_mask, labels [2B, T]`` (chosen rows first), ``margin [B]`` if set.
+
+    ``packed=True``: the padding-free form of :func:`_pack_rows` (chosen segments first).
+    """
     seqs = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
     plens = [e.chosen_prompt_len for e in examples] + [e.rejected_prompt_len for e in examples]
-    input_ids, attention_mask, labels = _pad_rows(seqs, plens, pad_token_id)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = _pack_rows(seqs, plens) if packed else _pad_rows(seqs, plens, pad_token_id)
     if examples[0].margin is not None:
         batch["margin"] = torch.tensor([float(e.margin) for e in examples])
     return batch
 
 
-def collate_sft(examples: list[PreferenceExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """SFT batches: the chosen rows only."""
-    input_ids, attention_mask, labels = _pad_rows([e.chosen_ids for e in examples],
-                                                  [e.chosen_prompt_len for e in examples], pad_token_id)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+def collate_sft(examples: list[PreferenceExample], pad_token_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
+    """SFT batches: the chosen rows only (padded, or packed with ``packed=True``)."""
+    seqs, plens = [e.chosen_ids for e in examples], [e.chosen_prompt_len for e in examples]
+    return _pack_rows(seqs, plens) if packed else _pad_rows(seqs, plens, pad_token_id)
 
 
 def epoch_batches(num_examples: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0,

@@ -111,23 +111,47 @@ def decoder_of(causal_lm: nn.Module) -> nn.Module:
     return getattr(causal_lm, causal_lm.base_model_prefix)
 
 
-def last_hidden(decoder: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+def last_hidden(decoder: nn.Module, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
     """``[R, T, D]`` last hidden states, in the autocast dtype when autocast is on.
 
+    Packed batches pass ``attention_mask=None`` and ``position_ids`` that restart per sequence.
     HF decoders keep the residual stream (and so the final norm's output) in the weights'
     dtype under autocast; casting here lets the fused ops read bf16/fp16 as the kernels expect.
     """
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
         hidden = hidden.to(torch.get_autocast_dtype("cuda"))
     return hidden
 
 
-def shifted_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """``[R, T]`` targets of position t = labels[t + 1]; the last position predicts nothing."""
+def shifted_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """``[R, T]`` targets of position t = labels[t + 1]; the last position of a row (or, packed
+    ``[1, N]`` with ``cu_seqlens``, of every sequence) predicts nothing."""
     pad = torch.full_like(labels[:, :1], ignore_index)
-    return torch.cat([labels[:, 1:], pad], dim=1)
+    targets = torch.cat([labels[:, 1:], pad], dim=1)
+    if cu_seqlens is not None:
+        targets[0, cu_seqlens[1:] - 1] = ignore_index
+    return targets
+
+
+@torch.no_grad()
+def check_packing_support(decoder: nn.Module) -> None:
+    """Raise ``ValueError`` unless the decoder keeps packed sequences apart (``padding_free``)."""
+    device = decoder.get_input_embeddings().weight.device
+    vocab = decoder.get_input_embeddings().num_embeddings
+    seqs = [torch.arange(3, device=device) % vocab, (torch.arange(4, device=device) + 5) % vocab]
+    was_training = decoder.training
+    decoder.eval()
+    separate = torch.cat([last_hidden(decoder, s[None], None)[0] for s in seqs])
+    position_ids = torch.cat([torch.arange(len(s), device=device) for s in seqs])[None]
+    packed = last_hidden(decoder, torch.cat(seqs)[None], None, position_ids)[0]
+    decoder.train(was_training)
+    if not torch.allclose(separate.float(), packed.float(), atol=1e-3, rtol=1e-3):
+        raise ValueError(
+            f"padding_free: {type(decoder).__name__} attends across packed sequences (its mask ignores "
+            "position_ids); use padding_free: false for this model"
+        )
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -171,13 +195,14 @@ class RewardModel(nn.Module):
     def device(self) -> torch.device:
         return self.score.weight.device
 
-    def forward(self, input_ids, attention_mask, sft_targets=None):
+    def forward(self, input_ids, attention_mask, sft_targets=None, position_ids=None):
         """``input_ids, attention_mask [R, T]`` -> ``(rewards [R, T] fp32, sft_logprobs [R, T] or None)``.
 
         ``sft_targets [R, T]``: the token position t should predict (``shifted_targets(labels)``
         with -100 where no SFT term is wanted). None (or no ``lm_head``): rewards only.
+        Packed batches: ``[1, N]`` inputs, ``attention_mask=None`` and restarting ``position_ids``.
         """
-        hidden = last_hidden(self.backbone, input_ids, attention_mask)
+        hidden = last_hidden(self.backbone, input_ids, attention_mask, position_ids)
         if sft_targets is None or self.lm_head is None:
             rewards = self.score(hidden).squeeze(-1)
             return rewards.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32), None
@@ -267,13 +292,17 @@ class Generator(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, input_ids, attention_mask, labels) -> torch.Tensor:
-        """``[R, T]`` inputs -> ``gen_logprobs [R, T-1]`` (0 where ``labels[t+1] == -100``)."""
-        hidden = last_hidden(self.backbone, input_ids, attention_mask)[:, :-1]
+    def forward(self, input_ids, attention_mask, labels, position_ids=None, cu_seqlens=None) -> torch.Tensor:
+        """``[R, T]`` inputs -> ``gen_logprobs [R, T-1]`` (0 where ``labels[t+1] == -100``).
+
+        Packed (``cu_seqlens`` given, ``[1, N]`` inputs): ``[N]``, 0 at sequence ends.
+        """
+        hidden = last_hidden(self.backbone, input_ids, attention_mask, position_ids)
         weight = self.lm_head.weight.to(hidden.dtype)
         bias = None if self.lm_head.bias is None else self.lm_head.bias.to(hidden.dtype)
-        return linear_logprobs(hidden, weight, labels[:, 1:], bias=bias, temperature=self.temperature,
-                               softcap=self.softcap, backend=self.backend)
+        logp = linear_logprobs(hidden, weight, shifted_targets(labels, cu_seqlens), bias=bias,
+                               temperature=self.temperature, softcap=self.softcap, backend=self.backend)
+        return logp[0] if cu_seqlens is not None else logp[:, :-1]
 
 
 # ------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from icrm_kernels import linear_logprobs
 from .config import RewardConfig
 from .data import IGNORE_INDEX, PreferenceDataset, collate_pairs, collate_sft, epoch_batches
 from .model import (
-    RM_CONFIG_NAME, Generator, RewardModel, apply_lora, decoder_of, last_hidden, load_causal_lm, load_tokenizer,
+    RM_CONFIG_NAME, Generator, RewardModel, apply_lora, check_packing_support, decoder_of, last_hidden, load_causal_lm, load_tokenizer,
     save_reward_model, shifted_targets,
 )
 from .objective import INITIAL_SMOOTH_WEIGHT, icrm_loss
@@ -133,6 +133,8 @@ class _Trainer:
         if self.device.type == "cpu":
             set_cpu_threads(args.cpu_threads, model.config.get_text_config().hidden_size)
         self.model = model.to(self.device)
+        if args.padding_free:
+            check_packing_support(self.model.backbone)
         self._train_source, self._train_dataset = train_dataset, None  # tokenized on first use
         self.eval_dataset = _as_dataset(eval_dataset, tokenizer, args.max_length, "eval")
         self.module = self.model
@@ -237,7 +239,8 @@ class _Trainer:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 continue
             indices = batches[self.batch_in_epoch]
-            batch = self._to_device(self.collate([self.train_dataset[i] for i in indices], self.tokenizer.pad_token_id))
+            batch = self._to_device(self.collate([self.train_dataset[i] for i in indices], self.tokenizer.pad_token_id,
+                                                 packed=args.padding_free))
             micro += 1
             last_micro = micro % accum == 0
             sync = contextlib.nullcontext() if last_micro or self.world_size == 1 else self.module.no_sync()
@@ -247,7 +250,7 @@ class _Trainer:
                 scaled = loss / accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             self.batch_in_epoch += 1
-            tokens = int(batch["attention_mask"].sum())
+            tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             tokens_in_window += tokens
             self.num_tokens += tokens * self.world_size
             for k, v in metrics.items():
@@ -459,19 +462,31 @@ class RewardTrainer(_Trainer):
     def _forward(self, batch, training: bool):
         """-> ``(ICRMLoss, rewards [2B, T], metrics)``; updates the EMA S when training."""
         args = self.args
-        labels = batch["labels"]
+        labels, cu_seqlens = batch["labels"], batch.get("cu_seqlens")
+        inputs = (batch["input_ids"], batch.get("attention_mask"))
         sft_targets = None
         if args.sft_regularizer and self.model.lm_head is not None:
-            sft_targets = shifted_targets(labels)
-            sft_targets[labels.shape[0] // 2:] = IGNORE_INDEX  # the SFT term uses chosen rows only
+            sft_targets = shifted_targets(labels, cu_seqlens)
+            # The SFT term uses the chosen rows (segments) only.
+            if cu_seqlens is None:
+                sft_targets[labels.shape[0] // 2:] = IGNORE_INDEX
+            else:
+                sft_targets[0, cu_seqlens[(cu_seqlens.numel() - 1) // 2]:] = IGNORE_INDEX
         module = self.module if training else self.model
-        rewards, sft_logp = module(batch["input_ids"], batch["attention_mask"], sft_targets)
-        gen_logp = self.generator(batch["input_ids"], batch["attention_mask"], labels) if self.generator is not None else None
+        rewards, sft_logp = module(*inputs, sft_targets, batch.get("position_ids"))
+        gen_logp = None
+        if self.generator is not None:
+            gen_logp = self.generator(*inputs, labels, batch.get("position_ids"), cu_seqlens)
+        if cu_seqlens is None:
+            loss_inputs = (rewards, labels, gen_logp, None if sft_logp is None else sft_logp[:, :-1])
+        else:
+            loss_inputs = (rewards[0], labels[0], gen_logp, None if sft_logp is None else sft_logp[0])
         out = icrm_loss(
-            rewards, labels, gen_logp, None if sft_logp is None else sft_logp[:, :-1],
-            smooth_weight=self.smooth_weight, training=training, reg_ratio=args.reg_ratio,
-            weight_scale=args.weight_scale, kind=args.consistency_kind, baseline=args.baseline,
-            margin=batch.get("margin"), center_rewards_coefficient=args.center_rewards_coefficient, backend=args.kernels,
+            *loss_inputs, smooth_weight=self.smooth_weight, training=training, reg_ratio=args.reg_ratio,
+            weight_scale=args.weight_scale, kind=args.consistency_kind,
+            baseline=args.baseline or ("row_mean" if cu_seqlens is None else "response_mean"),
+            margin=batch.get("margin"), center_rewards_coefficient=args.center_rewards_coefficient,
+            cu_seqlens=cu_seqlens, backend=args.kernels,
         )
         if training:
             self.smooth_weight = out.smooth_weight
@@ -499,7 +514,8 @@ class RewardTrainer(_Trainer):
         batches = epoch_batches(len(dataset), self.args.per_device_eval_batch_size, seed=0, epoch=0,
                                 rank=self.rank, world_size=self.world_size, shuffle=False)
         for indices in batches:
-            batch = self._to_device(collate_pairs([dataset[i] for i in indices], self.tokenizer.pad_token_id))
+            batch = self._to_device(collate_pairs([dataset[i] for i in indices], self.tokenizer.pad_token_id,
+                                                  packed=self.args.padding_free))
             with self.autocast():
                 _, rewards, metrics = self._forward(batch, training=False)
             on_response = batch["labels"] != IGNORE_INDEX
@@ -566,10 +582,15 @@ class _CausalLMLogprobs(torch.nn.Module):
         self.causal_lm, self.backend = causal_lm, backend
         self.config = causal_lm.config
 
-    def forward(self, input_ids, attention_mask, labels):
-        hidden = last_hidden(decoder_of(self.causal_lm), input_ids, attention_mask)[:, :-1]
+    @property
+    def backbone(self):
+        return decoder_of(self.causal_lm)
+
+    def forward(self, input_ids, attention_mask, targets, position_ids=None):
+        """``targets [R, T]`` = ``shifted_targets(labels)`` -> log-probs ``[R, T]`` (0 where ignored)."""
+        hidden = last_hidden(self.backbone, input_ids, attention_mask, position_ids)
         head = self.causal_lm.get_output_embeddings()
-        return linear_logprobs(hidden, head.weight.to(hidden.dtype), labels[:, 1:],
+        return linear_logprobs(hidden, head.weight.to(hidden.dtype), targets,
                                bias=None if head.bias is None else head.bias.to(hidden.dtype), backend=self.backend)
 
 
@@ -589,10 +610,14 @@ class SFTTrainer(_Trainer):
         super().__init__(_CausalLMLogprobs(model, args.kernels), args, train_dataset or args.train_file,
                          eval_dataset if eval_dataset is not None else (args.eval_file or None), tokenizer)
 
+    def _token_logprobs(self, module, batch):
+        """``(logp [R, T], mask [R, T])`` of the response tokens (padded or packed batch)."""
+        targets = shifted_targets(batch["labels"], batch.get("cu_seqlens"))
+        logp = module(batch["input_ids"], batch.get("attention_mask"), targets, batch.get("position_ids"))
+        return logp, (targets != IGNORE_INDEX).float()
+
     def _loss(self, batch, training: bool):
-        module = self.module if training else self.model
-        logp = module(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        mask = (batch["labels"][:, 1:] != IGNORE_INDEX).float()
+        logp, mask = self._token_logprobs(self.module if training else self.model, batch)
         loss = -(logp * mask).sum() / mask.sum()
         return loss, {"loss": float(loss.detach())}
 
@@ -606,10 +631,10 @@ class SFTTrainer(_Trainer):
         nll, count = 0.0, 0.0
         for indices in epoch_batches(len(dataset), self.args.per_device_eval_batch_size, seed=0, epoch=0,
                                      rank=self.rank, world_size=self.world_size, shuffle=False):
-            batch = self._to_device(collate_sft([dataset[i] for i in indices], self.tokenizer.pad_token_id))
+            batch = self._to_device(collate_sft([dataset[i] for i in indices], self.tokenizer.pad_token_id,
+                                                packed=self.args.padding_free))
             with self.autocast():
-                logp = self.model(batch["input_ids"], batch["attention_mask"], batch["labels"])
-            mask = (batch["labels"][:, 1:] != IGNORE_INDEX).float()
+                logp, mask = self._token_logprobs(self.model, batch)
             nll, count = nll - float((logp * mask).sum()), count + float(mask.sum())
         self.model.train()
         return self._reduce_mean({"eval_loss": nll / max(count, 1.0)})

@@ -153,6 +153,23 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("trainer_cls", ["reward", "sft"])
+def test_padding_free_matches_padded(tmp_path, trainer_cls):
+    from icrm import SFTTrainer
+
+    logs = []
+    for packed in (False, True):
+        args = tiny_args(tmp_path, max_steps=3, padding_free=packed, baseline="response_mean",
+                         output_dir=str(tmp_path / f"packed{packed}"), gradient_accumulation_steps=2)
+        cls = RewardTrainer if trainer_cls == "reward" else SFTTrainer
+        trainer = cls(args=args, train_dataset=TRAIN_ROWS[:48], eval_dataset=EVAL_ROWS[:8])
+        result = trainer.train()
+        logs.append(([r["loss"] for r in trainer.log_history if "loss" in r], result))
+    (padded, padded_eval), (packed, packed_eval) = logs
+    assert packed == pytest.approx(padded, rel=1e-4, abs=1e-5)
+    assert packed_eval["eval_loss"] == pytest.approx(padded_eval["eval_loss"], rel=1e-4)
+
+
 def test_keep_last_k_and_resume_latest(tmp_path):
     args = tiny_args(tmp_path, max_steps=4, save_steps=1, save_total_limit=2)
     RewardTrainer(args=args, train_dataset=TRAIN_ROWS[:32]).train()
@@ -232,7 +249,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     "field, value",
     [("learning_rate", -1.0), ("reg_ratio", 2.0), ("max_length", 1), ("per_device_train_batch_size", 0),
      ("consistency_kind", "cubic"), ("baseline", "median"), ("kernels", "cuda"), ("save_total_limit", 0),
-     ("gradient_accumulation_steps", 1.5), ("padding_free", True), ("warmup_ratio", 1.5)],
+     ("gradient_accumulation_steps", 1.5), ("warmup_ratio", 1.5), ("cpu_threads", -1)],
 )
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
