@@ -102,6 +102,15 @@ def load_causal_lm(name_or_path: str, tokenizer, *, seed: int = 0) -> nn.Module:
     return model
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of an HF model (transformers 5 name, or the 4.x one)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _softcap(config) -> float | None:
     return getattr(config, "final_logit_softcapping", None) or None
 

@@ -37,8 +37,8 @@ from icrm_kernels import linear_logprobs
 from .config import RewardConfig
 from .data import IGNORE_INDEX, PreferenceDataset, collate_pairs, collate_sft, epoch_batches
 from .model import (
-    RM_CONFIG_NAME, Generator, RewardModel, apply_lora, check_packing_support, decoder_of, last_hidden, load_causal_lm, load_tokenizer,
-    save_reward_model, shifted_targets,
+    RM_CONFIG_NAME, Generator, RewardModel, apply_lora, check_packing_support, decoder_of,
+    enable_activation_checkpointing, last_hidden, load_causal_lm, load_tokenizer, save_reward_model, shifted_targets,
 )
 from .objective import INITIAL_SMOOTH_WEIGHT, icrm_loss
 
@@ -566,7 +566,7 @@ def build_reward_model(args: RewardConfig, tokenizer, name_or_path: str, generat
         rm = RewardModel(causal_lm, value_head_bias=args.value_head_bias, with_lm_head=args.sft_regularizer,
                          sft_grad_scale=args.sft_grad_scale, backend=args.kernels)
     if args.gradient_checkpointing:
-        rm.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(rm.backbone)
     if args.use_peft:
         rm = apply_lora(rm, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     return rm, generator
@@ -606,7 +606,7 @@ class SFTTrainer(_Trainer):
         if model is None or isinstance(model, str):
             model = load_causal_lm(model or args.model_name_or_path, tokenizer, seed=args.seed)
         if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         super().__init__(_CausalLMLogprobs(model, args.kernels), args, train_dataset or args.train_file,
                          eval_dataset if eval_dataset is not None else (args.eval_file or None), tokenizer)
 
