@@ -9,7 +9,8 @@ Layouts (as in TRL):
   tokenizer's chat template (implicit: the shared leading messages are the prompt);
 * an optional numeric ``margin`` column (TRL: ``-logsigmoid(R_c - R_r - margin)``).
 
-Tokenization: ``prompt_ids + response_ids + [eos]``, labels -100 on the prompt, right
+Tokenization: ``prompt_ids + response_ids + [eos]`` (no second EOS when the chat template
+already ends the turn with it), labels -100 on the prompt, right
 truncation to ``max_length`` that keeps at least one response token (rows that cannot are
 dropped and counted). Bad rows (missing field, empty response, wrong type) are skipped and
 counted, the first few listed; a file that is not valid JSON(L) fails with the line number.
@@ -165,7 +166,9 @@ def normalize_row(row, tokenizer) -> tuple[str, str, str, float | None]:
 def tokenize_pair(prompt: str, response: str, tokenizer, max_length: int) -> tuple[list[int], int, bool] | None:
     """-> ``(input_ids, prompt_len, truncated)``, or None when no response token fits."""
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if not response_ids or response_ids[-1] != tokenizer.eos_token_id:  # chat templates may end turns with EOS
+        response_ids.append(tokenizer.eos_token_id)
     if len(prompt_ids) >= max_length:
         return None
     ids = prompt_ids + response_ids

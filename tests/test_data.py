@@ -45,6 +45,8 @@ def test_conversational_explicit_and_implicit_agree(tok):
     prompt, chosen, _, _ = a
     assert prompt == "<|user|> sort : 3 1 <|assistant|> "
     assert chosen.startswith("1 3")
+    ds = PreferenceDataset([explicit], tok, 32)  # the template's EOS is not doubled
+    assert tok.convert_ids_to_tokens(ds[0].chosen_ids[ds[0].chosen_prompt_len:]) == ["1", "3", "<eos>"]
 
 
 def test_margin_column(tok):
