@@ -19,8 +19,10 @@ import os
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast
 from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast,
+)
 
 from icrm_kernels import linear_logprobs, linear_logprobs_and_rewards
 
@@ -71,12 +73,14 @@ def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 2):
 def load_tokenizer(tokenizer_name_or_path: str | None, model_name_or_path: str):
     """The tokenizer, with a pad token distinct from EOS (added when missing)."""
     path = tokenizer_name_or_path
-    if path is None and os.path.isdir(model_name_or_path) and any(
-        os.path.exists(os.path.join(model_name_or_path, f)) for f in ("tokenizer.json", "tokenizer_config.json")
-    ):
-        path = model_name_or_path
     if path is None:
-        return build_tiny_tokenizer()
+        random_init = model_name_or_path == BUILTIN_MODEL or model_name_or_path.endswith(".json")
+        folder_without_tokenizer = os.path.isdir(model_name_or_path) and not any(
+            os.path.exists(os.path.join(model_name_or_path, f)) for f in ("tokenizer.json", "tokenizer_config.json")
+        )
+        if random_init or folder_without_tokenizer:
+            return build_tiny_tokenizer()
+        path = model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer at {path} has no eos_token; the trainer appends EOS to every response")
