@@ -135,11 +135,18 @@ def test_ten_step_run_loss_decreases(tmp_path):
         torch.testing.assert_close(rm.score.weight, trainer.model.score.weight)
 
 
-def test_resume_continues_exactly(tmp_path):
-    args = tiny_args(tmp_path, max_steps=6, save_steps=3, save_total_limit=3, output_dir=str(tmp_path / "a"))
+@pytest.mark.parametrize("use_peft", [False, True])
+def test_resume_continues_exactly(tmp_path, use_peft):
+    args = tiny_args(tmp_path, max_steps=6, save_steps=3, save_total_limit=3, output_dir=str(tmp_path / "a"),
+                     use_peft=use_peft, lora_r=4)
     full = RewardTrainer(args=args, train_dataset=TRAIN_ROWS[:40])  # 5 batches: crosses an epoch
     full.train()
     assert [os.path.basename(p) for p in list_checkpoints(args.output_dir)] == ["checkpoint-3", "checkpoint-6"]
+    with safe_open(os.path.join(args.output_dir, "checkpoint-3", "model.safetensors"), "pt") as fh:
+        stored = set(fh.keys())
+    assert {"score.weight", "lm_head.weight"} <= stored
+    if use_peft:  # adapters + heads only; the base is rebuilt from model_name_or_path and the seed
+        assert all("lora_" in k or not k.startswith("backbone.") for k in stored)
     resumed = RewardTrainer(args=args.replace(output_dir=str(tmp_path / "b"),
                                               resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-3")),
                             train_dataset=TRAIN_ROWS[:40])
