@@ -31,7 +31,7 @@ EVAL_ROWS = read_rows(os.path.join(DATA_DIR, "sort_eval.jsonl"))[:32]
 def tiny_args(tmp_path, **changes) -> RewardConfig:
     base = dict(output_dir=str(tmp_path / "run"), max_steps=10, per_device_train_batch_size=8, logging_steps=1,
                 learning_rate=3e-3, warmup_ratio=0.0, max_length=32, run_sft=False, compare_bt=False,
-                kernels="reference", per_device_eval_batch_size=32)
+                kernels="reference", per_device_eval_batch_size=32, eval_file=None)
     base.update(changes)
     return RewardConfig(**base)
 
@@ -177,6 +177,25 @@ def test_padding_free_matches_padded(tmp_path, trainer_cls):
     assert packed_eval["eval_loss"] == pytest.approx(padded_eval["eval_loss"], rel=1e-4)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("packed", [False, True])
+def test_triton_kernels_train_like_the_reference(tmp_path, packed):
+    """The trainer on the Triton kernels (interpreter on CPU) gives the reference's losses and grad norms."""
+    from icrm_kernels import _dispatch
+
+    if not _dispatch.KERNELS_READY:
+        pytest.skip("the Triton kernels are not in this checkout yet")
+    logs = []
+    for kernels in ("reference", "triton"):
+        args = tiny_args(tmp_path, max_steps=2, per_device_train_batch_size=4, kernels=kernels, padding_free=packed,
+                         sft_grad_scale=0.1, output_dir=str(tmp_path / kernels))
+        trainer = RewardTrainer(args=args, train_dataset=TRAIN_ROWS[:16])
+        trainer.train()
+        logs.append([(r["loss"], r["align_loss"], r["sft_loss"], r["grad_norm"]) for r in trainer.log_history if "loss" in r])
+    for ref, tri in zip(*logs):
+        assert tri == pytest.approx(ref, rel=1e-4, abs=1e-6)
+
+
 def test_keep_last_k_and_resume_latest(tmp_path):
     args = tiny_args(tmp_path, max_steps=4, save_steps=1, save_total_limit=2)
     RewardTrainer(args=args, train_dataset=TRAIN_ROWS[:32]).train()
@@ -201,7 +220,7 @@ def test_sigkill_mid_save_leaves_last_checkpoint_intact(tmp_path):
                 open({str(marker)!r}, "w").close()
                 time.sleep(600)
         train.save_file = slow_save
-        args = RewardConfig(output_dir={str(out)!r}, max_steps=3, save_steps=1, per_device_train_batch_size=4,
+        args = RewardConfig(output_dir={str(out)!r}, max_steps=3, save_steps=1, per_device_train_batch_size=4, eval_file=None,
                             logging_steps=1, max_length=32, run_sft=False, compare_bt=False, kernels="reference")
         RewardTrainer(args=args, train_dataset={TRAIN_ROWS[:16]!r}).train()
     """)
@@ -221,7 +240,7 @@ def test_sigkill_mid_save_leaves_last_checkpoint_intact(tmp_path):
         proc.stderr.close()
     assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["checkpoint-1"]
     assert (out / "tmp-checkpoint-2").exists()  # the half-written one, never picked up
-    args = RewardConfig(output_dir=str(out), max_steps=3, save_steps=1, per_device_train_batch_size=4, logging_steps=1,
+    args = RewardConfig(output_dir=str(out), max_steps=3, save_steps=1, per_device_train_batch_size=4, logging_steps=1, eval_file=None,
                         max_length=32, run_sft=False, compare_bt=False, kernels="reference", resume_from_checkpoint="latest")
     trainer = RewardTrainer(args=args, train_dataset=TRAIN_ROWS[:16])
     trainer.train()
