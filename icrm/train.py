@@ -684,8 +684,10 @@ def run_main_job(cfg: RewardConfig, *, echo=print) -> dict:
         echo(f"[sft] generator saved to {base} (eval token NLL {summary['sft'].get('eval_loss', float('nan')):.3f})")
     stages = [("icrm", cfg.replace(model_name_or_path=base, output_dir=os.path.join(cfg.output_dir, "icrm")))]
     if cfg.compare_bt:
+        # A checkpoint path given for the run belongs to the ICRM stage; the baseline resumes its own latest.
         stages.append(("bt", cfg.replace(model_name_or_path=base, output_dir=os.path.join(cfg.output_dir, "bt"),
-                                         reg_ratio=0.0, sft_regularizer=False)))
+                                         reg_ratio=0.0, sft_regularizer=False,
+                                         resume_from_checkpoint=cfg.resume_from_checkpoint and "latest")))
     for name, stage_cfg in stages:
         trainer = RewardTrainer(args=stage_cfg)
         summary[name] = trainer.train()

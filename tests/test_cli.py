@@ -69,6 +69,18 @@ def test_train_runs_sft_icrm_and_bt(trained, capsys):
     assert bt_log[0]["align_loss"] == 0.0 and bt_log[0]["sft_loss"] == 0.0  # plain Bradley-Terry
 
 
+def test_train_resume_latest_finishes_every_stage(trained, files, capsys):
+    before = json.loads((trained / "summary.json").read_text())
+    assert main(["train", *TINY, "--sft_max_steps", "2", "--train_file", str(files / "train.jsonl"),
+                 "--eval_file", str(files / "eval.jsonl"), "--output_dir", str(trained),
+                 "--resume_from_checkpoint", "latest"]) == 0
+    after = json.loads((trained / "summary.json").read_text())
+    for stage in ("icrm", "bt"):  # nothing left to train: same models, same held-out numbers
+        assert after[stage]["step"] == 2
+        assert after[stage]["eval_accuracy"] == before[stage]["eval_accuracy"]
+        assert after[stage]["eval_margin"] == pytest.approx(before[stage]["eval_margin"], rel=1e-6)
+
+
 def test_train_with_yaml_config(files, tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"train_file: {files / 'train.jsonl'}\neval_file: null\nrun_sft: false\ncompare_bt: false\n"
