@@ -113,6 +113,28 @@ def test_export_round_trip_matches_trainer_rewards(tmp_path, tok, batch):
     assert not any("lm_head" in k or "lora" in k for k in keys)
 
 
+def test_qwen2_from_config_json_trains_and_exports(tmp_path, tok, batch):
+    """Another architecture, random init from a config.json, tied embeddings (the head copy unties them)."""
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config_path = tmp_path / "qwen2.json"
+    config.to_json_file(str(config_path))
+    trainer = RewardTrainer(args=tiny_args(tmp_path, max_steps=2, model_name_or_path=str(config_path)),
+                            train_dataset=TRAIN_ROWS[:16])
+    trainer.train()
+    rm = trainer.model.eval()
+    assert rm.lm_head.weight.data_ptr() != rm.backbone.get_input_embeddings().weight.data_ptr()
+    with torch.no_grad():
+        expected = sequence_rewards(rm(batch["input_ids"], batch["attention_mask"])[0], batch["labels"])
+    hf = AutoModelForSequenceClassification.from_pretrained(export_sequence_classification(rm, tok, str(tmp_path / "hf")))
+    assert type(hf).__name__ == "Qwen2ForSequenceClassification"
+    with torch.no_grad():
+        scores = hf.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------
 # Training loop
 
