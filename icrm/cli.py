@@ -1,12 +1,113 @@
-"""``icrm`` console entry point (the trainer fills in the subcommands)."""
+"""``icrm`` console entry point: a thin layer over :mod:`icrm.train`.
+
+Subcommands::
+
+    icrm train  [--config cfg.yaml] [--field value ...]   SFT the generator, train ICRM (+ the BT baseline), compare
+    icrm sft    [--config cfg.yaml] [--field value ...]   fine-tune the generator on the chosen responses only
+    icrm eval   --model DIR [--eval_file F]                pairwise accuracy, margin, per-token reward statistics
+    icrm score  --model DIR --input F [--output F]         per-response and per-token rewards as JSONL
+    icrm export --model DIR --output DIR                   HF <Arch>ForSequenceClassification folder
+
+``train`` and ``sft`` take every :class:`~icrm.config.RewardConfig` field as ``--field``;
+YAML values come first, command-line values override them.
+"""
+
+from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from .config import RewardConfig
+
+
+def _config_parser(sub, name: str, help_text: str, description: str):
+    parser = sub.add_parser(name, help=help_text, description=description,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML file of RewardConfig fields (command-line flags override it)")
+    for f in dataclasses.fields(RewardConfig):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        # Values stay strings here; RewardConfig.from_dict coerces and validates them.
+        parser.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar=str(f.type).upper()
+                            .replace(" ", ""), help=f"{f.metadata.get('help', '')} (default: {default!r})")
+    return parser
+
+
+def config_from_args(ns: argparse.Namespace) -> RewardConfig:
+    names = {f.name for f in dataclasses.fields(RewardConfig)}
+    overrides = {k: v for k, v in vars(ns).items() if k in names}
+    if ns.config:
+        return RewardConfig.from_yaml(ns.config, overrides)
+    return RewardConfig.from_dict(overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="icrm", description="ICRM reward-model training (arXiv 2506.09096) on icrm_kernels.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sft,eval,score,export}")
+    _config_parser(sub, "train", "train a reward model (default: the tiny built-in job, ICRM vs Bradley-Terry)",
+                   "Train an ICRM reward model. With no arguments: SFT the tiny built-in generator on the shipped "
+                   "sorting data, train ICRM and a Bradley-Terry baseline from it, and print their held-out "
+                   "pairwise accuracies; outputs under runs/icrm. Set --run_sft false / --compare_bt false for a "
+                   "single reward-model run.")
+    _config_parser(sub, "sft", "fine-tune the generator on the chosen responses (stage 1)",
+                   "Supervised fine-tuning of a causal LM on prompt + chosen response (labels on the response), "
+                   "saved as a Hugging Face folder in <output_dir>/final, to serve as ICRM's generator.")
+
+    ev = sub.add_parser("eval", help="pairwise accuracy and reward statistics of a trained reward model",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ev.add_argument("--model", required=True, help="a reward-model folder (a run's final/ or checkpoint-N/ with full weights)")
+    ev.add_argument("--eval_file", default=RewardConfig.__dataclass_fields__["eval_file"].default, help="preference data")
+    ev.add_argument("--max_length", type=int, default=RewardConfig.__dataclass_fields__["max_length"].default)
+    ev.add_argument("--batch_size", type=int, default=64, help="pairs per batch")
+    ev.add_argument("--kernels", default="auto", choices=("auto", "triton", "reference"))
+
+    sc = sub.add_parser("score", help="per-response and per-token rewards for JSONL rows",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sc.add_argument("--model", required=True, help="a reward-model folder")
+    sc.add_argument("--input", required=True, help="JSONL with 'prompt' + 'response' (or 'chosen'/'rejected' pairs, or 'messages')")
+    sc.add_argument("--output", default="-", help="output JSONL ('-': stdout)")
+    sc.add_argument("--max_length", type=int, default=RewardConfig.__dataclass_fields__["max_length"].default)
+    sc.add_argument("--kernels", default="auto", choices=("auto", "triton", "reference"))
+
+    ex = sub.add_parser("export", help="save as a Hugging Face <Arch>ForSequenceClassification folder",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ex.add_argument("--model", required=True, help="a reward-model folder")
+    ex.add_argument("--output", required=True, help="destination folder (loadable with AutoModelForSequenceClassification)")
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="icrm", description="ICRM reward-model training (trainer not yet implemented)")
-    parser.parse_args(argv)
-    parser.print_help()
+    ns = build_parser().parse_args(argv)
+    try:
+        if ns.command == "train":
+            from .train import run_main_job
+
+            run_main_job(config_from_args(ns))
+        elif ns.command == "sft":
+            from .train import SFTTrainer
+
+            trainer = SFTTrainer(args=config_from_args(ns))
+            result = trainer.train()
+            print(json.dumps({**result, "model_dir": trainer.save_model()}))
+        elif ns.command == "eval":
+            from .train import evaluate_file
+
+            print(json.dumps(evaluate_file(ns.model, ns.eval_file, max_length=ns.max_length,
+                                           batch_size=ns.batch_size, backend=ns.kernels), indent=1))
+        elif ns.command == "score":
+            from .train import score_file
+
+            score_file(ns.model, ns.input, ns.output, max_length=ns.max_length, backend=ns.kernels)
+        elif ns.command == "export":
+            from .model import export_sequence_classification, load_reward_model
+
+            rm, tokenizer = load_reward_model(ns.model, backend="reference")
+            print(export_sequence_classification(rm, tokenizer, ns.output))
+    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
+        print(f"icrm {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,288 @@
+"""Preference data: reading (JSONL/JSON/Parquet, every TRL layout), tokenizing, batching.
+
+Layouts (as in TRL):
+
+* explicit prompt: ``prompt``, ``chosen``, ``rejected`` strings;
+* implicit prompt: ``chosen``, ``rejected`` only; their shared prefix (cut back to a word
+  boundary) is the prompt;
+* both again as chat-message lists (``[{"role": ..., "content": ...}]``), rendered with the
+  tokenizer's chat template (implicit: the shared leading messages are the prompt);
+* an optional numeric ``margin`` column (TRL: ``-logsigmoid(R_c - R_r - margin)``).
+
+Tokenization: ``prompt_ids + response_ids + [eos]`` (no second EOS when the chat template
+already ends the turn with it), labels -100 on the prompt, right
+truncation to ``max_length`` that keeps at least one response token (rows that cannot are
+dropped and counted). Bad rows (missing field, empty response, wrong type) are skipped and
+counted, the first few listed; a file that is not valid JSON(L) fails with the line number.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+IGNORE_INDEX = -100
+log = logging.getLogger("icrm")
+
+
+class BadRow(ValueError):
+    """A preference row that cannot be used (the message says why)."""
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    kept: int = 0
+    bad: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    examples_of_bad: list[str] = field(default_factory=list)
+
+    def note_bad(self, where: str, reason: str) -> None:
+        self.bad += 1
+        if len(self.examples_of_bad) < 5:
+            self.examples_of_bad.append(f"{where}: {reason}")
+
+    def summary(self) -> str:
+        text = (f"{self.kept}/{self.rows} rows kept ({self.bad} bad, {self.dropped_too_long} dropped: prompt >= max_length, "
+                f"{self.truncated} truncated)")
+        if self.examples_of_bad:
+            text += "; first bad rows: " + "; ".join(self.examples_of_bad)
+        return text
+
+
+# ------------------------------------------------------------------------------------------
+# Reading files
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of a ``.jsonl`` / ``.json`` / ``.parquet`` file as dicts."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file {path} does not exist")
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if lower.endswith(".json"):
+        with open(path) as fh:
+            try:
+                data = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSON: line {exc.lineno}: {exc.msg}") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise ValueError(f"{path} must hold a JSON list of rows (or {{'data': [...]}}), got {type(data).__name__}")
+        return data
+    rows = []
+    with open(path) as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSONL: line {lineno}: {exc.msg}") from None
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
+# Layout normalisation: row -> (prompt text, chosen text, rejected text, margin)
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def _common_prefix_at_word(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    if n < min(len(a), len(b)) or len(a) != len(b):
+        # Back up to a whitespace boundary so neither response starts mid-word.
+        while n > 0 and not a[n - 1].isspace():
+            n -= 1
+    return a[:n]
+
+
+def normalize_row(row, tokenizer) -> tuple[str, str, str, float | None]:
+    """One raw row in any supported layout -> ``(prompt, chosen, rejected, margin)`` as text."""
+    if not isinstance(row, dict):
+        raise BadRow(f"row must be an object, got {type(row).__name__}")
+    for key in ("chosen", "rejected"):
+        if key not in row or row[key] is None:
+            raise BadRow(f"missing field {key!r}")
+    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    margin = row.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        raise BadRow(f"margin must be a number, got {type(margin).__name__}")
+
+    if _is_messages(chosen) or _is_messages(rejected):
+        if not (_is_messages(chosen) and _is_messages(rejected)):
+            raise BadRow("chosen and rejected must both be message lists or both strings")
+        if prompt is None:
+            n = 0
+            while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+                n += 1
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        elif isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        elif not _is_messages(prompt):
+            raise BadRow(f"prompt must be a string or a message list, got {type(prompt).__name__}")
+        for name, msgs in (("chosen", chosen), ("rejected", rejected)):
+            if not msgs or not all(isinstance(m["content"], str) and m["content"].strip() for m in msgs):
+                raise BadRow(f"empty {name} response")
+        if tokenizer.chat_template is None:
+            raise BadRow("conversational row but the tokenizer has no chat template")
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if prompt else ""
+        texts = []
+        for msgs in (chosen, rejected):
+            full = tokenizer.apply_chat_template(prompt + msgs, tokenize=False)
+            if not full.startswith(prompt_text):
+                raise BadRow("the chat template does not render prompt + response as prompt text + response text")
+            texts.append(full[len(prompt_text):])
+        return prompt_text, texts[0], texts[1], margin
+
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, str):
+            raise BadRow(f"{name} must be a string or a message list, got {type(value).__name__}")
+    if prompt is None:
+        prompt = _common_prefix_at_word(chosen, rejected)
+        chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+    elif not isinstance(prompt, str):
+        raise BadRow(f"prompt must be a string, got {type(prompt).__name__}")
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if not value.strip():
+            raise BadRow(f"empty {name} response")
+    return prompt, chosen, rejected, margin
+
+
+# ------------------------------------------------------------------------------------------
+# Tokenization
+
+def tokenize_pair(prompt: str, response: str, tokenizer, max_length: int) -> tuple[list[int], int, bool] | None:
+    """-> ``(input_ids, prompt_len, truncated)``, or None when no response token fits."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if not response_ids or response_ids[-1] != tokenizer.eos_token_id:  # chat templates may end turns with EOS
+        response_ids.append(tokenizer.eos_token_id)
+    if len(prompt_ids) >= max_length:
+        return None
+    ids = prompt_ids + response_ids
+    truncated = len(ids) > max_length
+    return ids[:max_length], len(prompt_ids), truncated
+
+
+@dataclass
+class PreferenceExample:
+    chosen_ids: list[int]
+    chosen_prompt_len: int
+    rejected_ids: list[int]
+    rejected_prompt_len: int
+    margin: float | None = None
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Tokenized preference pairs, built from a file path or a list of raw rows."""
+
+    def __init__(self, source, tokenizer, max_length: int, *, name: str = "data"):
+        rows = read_rows(source) if isinstance(source, str) else list(source)
+        self.stats = DataStats(rows=len(rows))
+        self.examples: list[PreferenceExample] = []
+        margins = []
+        for index, row in enumerate(rows):
+            where = f"{name} row {index + 1}"
+            try:
+                prompt, chosen, rejected, margin = normalize_row(row, tokenizer)
+            except BadRow as exc:
+                self.stats.note_bad(where, str(exc))
+                continue
+            c = tokenize_pair(prompt, chosen, tokenizer, max_length)
+            r = tokenize_pair(prompt, rejected, tokenizer, max_length)
+            if c is None or r is None:
+                self.stats.dropped_too_long += 1
+                continue
+            self.stats.truncated += int(c[2] or r[2])
+            self.examples.append(PreferenceExample(c[0], c[1], r[0], r[1], margin))
+            margins.append(margin is not None)
+        if any(margins) and not all(margins):
+            raise ValueError(f"{name}: the margin column is set on some rows and missing on others")
+        self.has_margin = bool(margins) and all(margins)
+        self.stats.kept = len(self.examples)
+        self.pad_token_id = tokenizer.pad_token_id
+        if self.stats.bad or self.stats.dropped_too_long:
+            log.warning("%s: %s", name, self.stats.summary())
+        if not self.examples:
+            raise ValueError(f"{name}: no usable preference rows ({self.stats.summary()})")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> PreferenceExample:
+        return self.examples[index]
+
+
+def _pad_rows(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids, attention_mask, labels [R, T]``."""
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        labels[i, p : len(s)] = torch.tensor(s[p:])
+        attention_mask[i, : len(s)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _pack_rows(seqs: list[list[int]], prompt_lens: list[int]) -> dict[str, torch.Tensor]:
+    """Padding-free ``input_ids, position_ids, labels [1, N]`` and ``cu_seqlens [R + 1]``.
+
+    ``position_ids`` restart at 0 for every sequence, which is how transformers' causal-mask
+    builder recognises packed sequences (block-diagonal attention, no ``attention_mask``).
+    """
+    input_ids = torch.tensor([t for s in seqs for t in s])[None]
+    labels = torch.tensor([t for s, p in zip(seqs, prompt_lens) for t in [IGNORE_INDEX] * p + s[p:]])[None]
+    position_ids = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    cu_seqlens = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "cu_seqlens": cu_seqlens}
+
+
+def collate_pairs(examples: list[PreferenceExample], pad_token_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
+    """B pairs -> ``input_ids, attention_mask, labels [2B, T]`` (chosen rows first), ``margin [B]`` if set.
+
+    ``packed=True``: the padding-free form of :func:`_pack_rows` (chosen segments first).
+    """
+    seqs = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
+    plens = [e.chosen_prompt_len for e in examples] + [e.rejected_prompt_len for e in examples]
+    batch = _pack_rows(seqs, plens) if packed else _pad_rows(seqs, plens, pad_token_id)
+    if examples[0].margin is not None:
+        batch["margin"] = torch.tensor([float(e.margin) for e in examples])
+    return batch
+
+
+def collate_sft(examples: list[PreferenceExample], pad_token_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
+    """SFT batches: the chosen rows only (padded, or packed with ``packed=True``)."""
+    seqs, plens = [e.chosen_ids for e in examples], [e.chosen_prompt_len for e in examples]
+    return _pack_rows(seqs, plens) if packed else _pad_rows(seqs, plens, pad_token_id)
+
+
+def epoch_batches(num_examples: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0,
+                  world_size: int = 1, shuffle: bool = True) -> list[list[int]]:
+    """This rank's batches of example indices for one epoch (deterministic in seed and epoch).
+
+    Like ``DistributedSampler``: the permutation is padded to a multiple of ``world_size`` so
+    every rank runs the same number of batches.
+    """
+    if shuffle:
+        gen = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(num_examples, generator=gen).tolist()
+    else:
+        order = list(range(num_examples))
+    extra = (-len(order)) % world_size
+    order = order + order[:extra]
+    mine = order[rank::world_size]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]

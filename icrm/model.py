@@ -1,0 +1,391 @@
+"""The reward model, the frozen generator, the built-in tiny model/tokenizer, and HF export.
+
+``RewardModel`` = a causal LM's decoder (``backbone``), a value head ``score: Linear(D, 1)``
+applied at every position, and a trainable copy ``lm_head`` of the LM head for the GRM SFT
+term. Its forward never builds ``[B, T, V]`` logits: the decoder's last hidden states go
+straight into ``icrm_kernels.linear_logprobs_and_rewards``.
+
+Pooling: the reward of a sequence is ``r`` at its last label token. With right padding, a
+pad token distinct from EOS and labels running to the end of the row, that is exactly the
+rightmost non-pad token, which is what ``<Arch>ForSequenceClassification`` scores; the
+export test checks the two agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+from torch import nn
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast,
+)
+
+from icrm_kernels import linear_logprobs, linear_logprobs_and_rewards
+
+from .config import BUILTIN_MODEL
+
+RM_CONFIG_NAME = "icrm_reward_model.json"
+RM_WEIGHTS_NAME = "model.safetensors"
+
+# ------------------------------------------------------------------------------------------
+# Built-in tokenizer and model (offline, deterministic)
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+#: Words of the shipped tasks plus a few generic ones; anything else maps to <unk>.
+WORDS = ["sort", "sorted", ":", "->", ",", ".", "?", "answer", "step", "the", "a", "is", "list"] + [str(i) for i in range(100)]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} "
+    "{% if message['role'] == 'assistant' %}<eos> {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level, whitespace-split tokenizer with a chat template; pad (id 0) != eos (id 1)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+        additional_special_tokens=SPECIAL_TOKENS[3:], padding_side="right", truncation_side="right",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 2):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        tie_word_embeddings=False, rms_norm_eps=1e-5,
+    )
+
+
+def load_tokenizer(tokenizer_name_or_path: str | None, model_name_or_path: str):
+    """The tokenizer, with a pad token distinct from EOS (added when missing)."""
+    path = tokenizer_name_or_path
+    if path is None:
+        random_init = model_name_or_path == BUILTIN_MODEL or model_name_or_path.endswith(".json")
+        folder_without_tokenizer = os.path.isdir(model_name_or_path) and not any(
+            os.path.exists(os.path.join(model_name_or_path, f)) for f in ("tokenizer.json", "tokenizer_config.json")
+        )
+        if random_init or folder_without_tokenizer:
+            return build_tiny_tokenizer()
+        path = model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer at {path} has no eos_token; the trainer appends EOS to every response")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # HF sequence classification scores the rightmost non-pad token: pad == eos would skip EOS.
+        tokenizer.add_special_tokens({"pad_token": "<|icrm_pad|>"})
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, tokenizer, *, seed: int = 0) -> nn.Module:
+    """A causal LM in fp32: built-in tiny (random init), a config.json (random init) or a folder."""
+    if name_or_path == BUILTIN_MODEL or name_or_path.endswith(".json"):
+        config = tiny_config(tokenizer) if name_or_path == BUILTIN_MODEL else AutoConfig.from_pretrained(name_or_path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config)
+    else:  # a local folder, or a hub id where the machine can download
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of an HF model (transformers 5 name, or the 4.x one)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _softcap(config) -> float | None:
+    return getattr(config, "final_logit_softcapping", None) or None
+
+
+def decoder_of(causal_lm: nn.Module) -> nn.Module:
+    """The causal LM's decoder (``LlamaModel`` inside ``LlamaForCausalLM``): hidden states, no logits."""
+    return getattr(causal_lm, causal_lm.base_model_prefix)
+
+
+def last_hidden(decoder: nn.Module, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    """``[R, T, D]`` last hidden states, in the autocast dtype when autocast is on.
+
+    Packed batches pass ``attention_mask=None`` and ``position_ids`` that restart per sequence.
+    HF decoders keep the residual stream (and so the final norm's output) in the weights'
+    dtype under autocast; casting here lets the fused ops read bf16/fp16 as the kernels expect.
+    """
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
+        hidden = hidden.to(torch.get_autocast_dtype("cuda"))
+    return hidden
+
+
+def shifted_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """``[R, T]`` targets of position t = labels[t + 1]; the last position of a row (or, packed
+    ``[1, N]`` with ``cu_seqlens``, of every sequence) predicts nothing."""
+    pad = torch.full_like(labels[:, :1], ignore_index)
+    targets = torch.cat([labels[:, 1:], pad], dim=1)
+    if cu_seqlens is not None:
+        targets[0, cu_seqlens[1:] - 1] = ignore_index
+    return targets
+
+
+@torch.no_grad()
+def check_packing_support(decoder: nn.Module) -> None:
+    """Raise ``ValueError`` unless the decoder keeps packed sequences apart (``padding_free``)."""
+    device = decoder.get_input_embeddings().weight.device
+    vocab = decoder.get_input_embeddings().num_embeddings
+    seqs = [torch.arange(3, device=device) % vocab, (torch.arange(4, device=device) + 5) % vocab]
+    was_training = decoder.training
+    decoder.eval()
+    separate = torch.cat([last_hidden(decoder, s[None], None)[0] for s in seqs])
+    position_ids = torch.cat([torch.arange(len(s), device=device) for s in seqs])[None]
+    packed = last_hidden(decoder, torch.cat(seqs)[None], None, position_ids)[0]
+    decoder.train(was_training)
+    if not torch.allclose(separate.float(), packed.float(), atol=1e-3, rtol=1e-3):
+        raise ValueError(
+            f"padding_free: {type(decoder).__name__} attends across packed sequences (its mask ignores "
+            "position_ids); use padding_free: false for this model"
+        )
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class RewardModel(nn.Module):
+    """Backbone + per-token value head ``score`` + trainable LM-head copy ``lm_head`` (or None)."""
+
+    def __init__(self, causal_lm: nn.Module, *, value_head_bias: bool = False, with_lm_head: bool = True,
+                 sft_grad_scale: float = 1e-3, backend: str = "auto"):
+        super().__init__()
+        self.config = causal_lm.config
+        self.backbone = decoder_of(causal_lm)
+        hidden_size = self.backbone.get_input_embeddings().embedding_dim
+        self.score = nn.Linear(hidden_size, 1, bias=value_head_bias)
+        nn.init.normal_(self.score.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        if value_head_bias:
+            nn.init.zeros_(self.score.bias)
+        self.lm_head = None
+        if with_lm_head:
+            source = causal_lm.get_output_embeddings()
+            self.lm_head = nn.Linear(hidden_size, source.out_features, bias=source.bias is not None)
+            # A real copy, untied from the input embeddings: the head trains on its own.
+            self.lm_head.load_state_dict({k: v.detach().clone() for k, v in source.state_dict().items()})
+        self.sft_grad_scale = sft_grad_scale
+        self.backend = backend
+        self.softcap = _softcap(self.config)
+        self.value_head_bias = value_head_bias
+
+    @property
+    def device(self) -> torch.device:
+        return self.score.weight.device
+
+    def forward(self, input_ids, attention_mask, sft_targets=None, position_ids=None):
+        """``input_ids, attention_mask [R, T]`` -> ``(rewards [R, T] fp32, sft_logprobs [R, T] or None)``.
+
+        ``sft_targets [R, T]``: the token position t should predict (``shifted_targets(labels)``
+        with -100 where no SFT term is wanted). None (or no ``lm_head``): rewards only.
+        Packed batches: ``[1, N]`` inputs, ``attention_mask=None`` and restarting ``position_ids``.
+        """
+        hidden = last_hidden(self.backbone, input_ids, attention_mask, position_ids)
+        if sft_targets is None or self.lm_head is None:
+            rewards = self.score(hidden).squeeze(-1)
+            return rewards.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32), None
+        s = self.sft_grad_scale
+        # The fused op reads `hidden` once for both outputs, but only the SFT term's gradient
+        # to the backbone is to be scaled by s. Feed it a gradient-scaled view of `hidden`, then
+        # give the rewards back the missing (1 - s) of their gradient with a term that is 0 in
+        # value and adds nothing to the value head's own gradient (hidden - sg(hidden) = 0).
+        head_bias = None if self.score.bias is None else self.score.bias.to(hidden.dtype)
+        logp, rewards = linear_logprobs_and_rewards(
+            _ScaleGrad.apply(hidden, s), self.lm_head.weight.to(hidden.dtype), sft_targets,
+            self.score.weight.to(hidden.dtype),
+            bias=None if self.lm_head.bias is None else self.lm_head.bias.to(hidden.dtype),
+            value_bias=head_bias, softcap=self.softcap, backend=self.backend,
+        )
+        if s != 1.0:
+            value_weight = self.score.weight.reshape(-1).to(hidden.dtype)
+            rewards = rewards + (1.0 - s) * (hidden @ value_weight - hidden.detach() @ value_weight).to(rewards.dtype)
+        return rewards, logp
+
+    # ---------------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: everything, or with LoRA only the trainable tensors."""
+        state = self.state_dict()
+        if getattr(self, "is_peft", False):
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            state = {k: v for k, v in state.items() if k in trainable}
+        return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"checkpoint has tensors this model lacks: {unexpected[:5]}")
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing_trainable = sorted(set(missing) & trainable)
+        if missing_trainable:
+            raise ValueError(f"checkpoint lacks trainable tensors: {missing_trainable[:5]}")
+
+    def merged_backbone(self) -> nn.Module:
+        """The backbone with any LoRA adapters merged in (a copy; self is unchanged)."""
+        backbone = copy.deepcopy(self.backbone)
+        if getattr(self, "is_peft", False):
+            backbone = backbone.merge_and_unload()
+        return backbone
+
+
+def apply_lora(rm: RewardModel, r: int, alpha: int, dropout: float, target_modules) -> RewardModel:
+    """Wrap the backbone with peft LoRA; the value head and the head copy stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none")
+    if target_modules is None:
+        cfg.target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    rm.backbone = get_peft_model(rm.backbone, cfg)
+    rm.is_peft = True
+    return rm
+
+
+class Generator(nn.Module):
+    """The frozen generator: ``g_t = log p(labels[t+1] | prefix)`` without ``[B, T, V]`` logits."""
+
+    def __init__(self, causal_lm: nn.Module, *, temperature: float = 1.0, backend: str = "auto"):
+        super().__init__()
+        self.backbone = decoder_of(causal_lm)
+        self.lm_head = causal_lm.get_output_embeddings()
+        self.softcap = _softcap(causal_lm.config)
+        self.temperature = temperature
+        self.backend = backend
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def from_reward_model(cls, rm: RewardModel, *, temperature: float = 1.0, backend: str = "auto") -> "Generator":
+        """A frozen copy of the reward model's current backbone and LM-head copy (its starting policy)."""
+        if rm.lm_head is None:
+            raise ValueError("the reward model has no LM-head copy (sft_regularizer=false); pass generator= "
+                             "or set generator_name_or_path")
+        gen = cls.__new__(cls)
+        nn.Module.__init__(gen)
+        gen.backbone, gen.lm_head = rm.merged_backbone(), copy.deepcopy(rm.lm_head)
+        gen.softcap, gen.temperature, gen.backend = rm.softcap, temperature, backend
+        gen.requires_grad_(False)
+        gen.eval()
+        return gen
+
+    def train(self, mode: bool = True):  # always eval: no dropout in the frozen policy
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask, labels, position_ids=None, cu_seqlens=None) -> torch.Tensor:
+        """``[R, T]`` inputs -> ``gen_logprobs [R, T-1]`` (0 where ``labels[t+1] == -100``).
+
+        Packed (``cu_seqlens`` given, ``[1, N]`` inputs): ``[N]``, 0 at sequence ends.
+        """
+        hidden = last_hidden(self.backbone, input_ids, attention_mask, position_ids)
+        weight = self.lm_head.weight.to(hidden.dtype)
+        bias = None if self.lm_head.bias is None else self.lm_head.bias.to(hidden.dtype)
+        logp = linear_logprobs(hidden, weight, shifted_targets(labels, cu_seqlens), bias=bias,
+                               temperature=self.temperature, softcap=self.softcap, backend=self.backend)
+        return logp[0] if cu_seqlens is not None else logp[:, :-1]
+
+
+# ------------------------------------------------------------------------------------------
+# Saving and loading
+
+def save_reward_model(rm: RewardModel, tokenizer, directory: str, *, full: bool = True, extra: dict | None = None) -> None:
+    """Write ``config.json``, the tokenizer, ``icrm_reward_model.json`` and the weights.
+
+    ``full=True`` stores the merged backbone (loadable alone); ``False`` stores what
+    :meth:`RewardModel.trainable_state_dict` gives (adapters only with LoRA).
+    """
+    os.makedirs(directory, exist_ok=True)
+    if full:
+        state = {f"backbone.{k}": v for k, v in rm.merged_backbone().state_dict().items()}
+        state.update({f"score.{k}": v for k, v in rm.score.state_dict().items()})
+        if rm.lm_head is not None:
+            state.update({f"lm_head.{k}": v for k, v in rm.lm_head.state_dict().items()})
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    else:
+        state = rm.trainable_state_dict()
+    save_file(state, os.path.join(directory, RM_WEIGHTS_NAME))
+    rm.config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    meta = {"value_head_bias": rm.value_head_bias, "with_lm_head": rm.lm_head is not None, "full": full}
+    meta.update(extra or {})
+    with open(os.path.join(directory, RM_CONFIG_NAME), "w") as fh:
+        json.dump(meta, fh, indent=2)
+
+
+def load_reward_model(directory: str, *, backend: str = "auto") -> tuple[RewardModel, object]:
+    """Load a folder written by :func:`save_reward_model` with ``full=True`` (``icrm eval/score``)."""
+    meta_path = os.path.join(directory, RM_CONFIG_NAME)
+    if not os.path.exists(meta_path):
+        raise ValueError(f"{directory} is not an icrm reward-model folder (no {RM_CONFIG_NAME}); "
+                         "pass a run's final/ or checkpoint-N/ folder")
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    if not meta.get("full", True):
+        raise ValueError(f"{directory} holds LoRA adapters only; load it through RewardTrainer(resume_from_checkpoint=...)")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    config = AutoConfig.from_pretrained(directory)
+    causal_lm = AutoModelForCausalLM.from_config(config)
+    rm = RewardModel(causal_lm, value_head_bias=meta["value_head_bias"], with_lm_head=meta["with_lm_head"], backend=backend)
+    rm.load_state_dict(load_file(os.path.join(directory, RM_WEIGHTS_NAME)))
+    return rm, tokenizer
+
+
+def export_sequence_classification(rm: RewardModel, tokenizer, directory: str) -> str:
+    """Save as an HF ``<Arch>ForSequenceClassification`` folder loadable by RewardBench / TRL.
+
+    ``num_labels=1``, the pad token set, ``score.weight [1, D]``, LoRA merged, no ``lm_head``,
+    safetensors. A value-head bias has no slot there; it only shifts every reward by a constant
+    (pairwise preferences unchanged), so it is dropped with a warning.
+    """
+    import warnings
+
+    backbone = rm.merged_backbone()
+    config = copy.deepcopy(rm.config)
+    config.num_labels = 1
+    config.pad_token_id = tokenizer.pad_token_id
+    arch = type(backbone).__name__.removesuffix("Model")
+    config.architectures = [f"{arch}ForSequenceClassification"]
+    config.id2label, config.label2id = {0: "LABEL_0"}, {"LABEL_0": 0}
+    model = AutoModelForSequenceClassification.from_config(config)
+    getattr(model, model.base_model_prefix).load_state_dict(backbone.state_dict())
+    with torch.no_grad():
+        model.score.weight.copy_(rm.score.weight.detach().reshape(1, -1))
+    if rm.score.bias is not None and float(rm.score.bias.detach().abs().max()) > 0:
+        warnings.warn("the value head's bias is dropped in the export (a constant shift of every reward)")
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory

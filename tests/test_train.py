@@ -1,0 +1,316 @@
+"""Model wrapper, training loop, checkpoints/resume, export, DDP (CPU, tiny model, few steps)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForSequenceClassification
+
+from icrm import RewardConfig, RewardTrainer
+from icrm.config import DATA_DIR
+from icrm.data import PreferenceDataset, collate_pairs, read_rows
+from icrm.model import (
+    RewardModel, apply_lora, build_tiny_tokenizer, export_sequence_classification, last_hidden, load_causal_lm,
+    load_reward_model, shifted_targets,
+)
+from icrm.objective import sequence_rewards
+from icrm.train import list_checkpoints
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_ROWS = read_rows(os.path.join(DATA_DIR, "sort_train.jsonl"))[:96]
+EVAL_ROWS = read_rows(os.path.join(DATA_DIR, "sort_eval.jsonl"))[:32]
+
+
+def tiny_args(tmp_path, **changes) -> RewardConfig:
+    base = dict(output_dir=str(tmp_path / "run"), max_steps=10, per_device_train_batch_size=8, logging_steps=1,
+                learning_rate=3e-3, warmup_ratio=0.0, max_length=32, run_sft=False, compare_bt=False,
+                kernels="reference", per_device_eval_batch_size=32, eval_file=None)
+    base.update(changes)
+    return RewardConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def batch(tok):
+    ds = PreferenceDataset(TRAIN_ROWS[:3], tok, 32)
+    return collate_pairs([ds[i] for i in range(3)], tok.pad_token_id)
+
+
+# ------------------------------------------------------------------------------------------
+# Model
+
+@pytest.mark.parametrize("scale", [0.1, 0.0])
+def test_sft_gradient_to_backbone_is_scaled(tok, batch, scale):
+    torch.manual_seed(0)
+    rm = RewardModel(load_causal_lm("tiny", tok, seed=0), sft_grad_scale=scale, backend="reference").double()
+    targets = shifted_targets(batch["labels"])
+    coef_r = torch.randn(batch["labels"].shape, dtype=torch.float64)
+    coef_l = torch.randn(batch["labels"].shape, dtype=torch.float64)
+    params = [p for p in rm.parameters() if p.requires_grad]
+
+    rewards, logp = rm(batch["input_ids"], batch["attention_mask"], targets)
+    got = torch.autograd.grad((coef_r * rewards).sum() + (coef_l * logp).sum(), params, allow_unused=True)
+
+    # Eager: full logits; the backbone sees the SFT term's gradient times `scale`, the heads in full.
+    hidden = last_hidden(rm.backbone, batch["input_ids"], batch["attention_mask"])
+    scaled = scale * hidden + (1 - scale) * hidden.detach()
+    ref_rewards = hidden @ rm.score.weight.reshape(-1)
+    logits = torch.log_softmax(scaled @ rm.lm_head.weight.T, dim=-1)
+    valid = targets != -100
+    ref_logp = torch.where(valid, logits.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1), 0.0)
+    torch.testing.assert_close(rewards, ref_rewards)
+    torch.testing.assert_close(logp, ref_logp)
+    want = torch.autograd.grad((coef_r * ref_rewards).sum() + (coef_l * ref_logp).sum(), params, allow_unused=True)
+    for (name, _), g, w in zip([(n, p) for n, p in rm.named_parameters() if p.requires_grad], got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_forward_does_not_call_the_lm_head_module(tok, batch):
+    causal_lm = load_causal_lm("tiny", tok)
+    calls = []
+    causal_lm.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    rm = RewardModel(causal_lm, backend="reference")
+    rm.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    rm(batch["input_ids"], batch["attention_mask"], shifted_targets(batch["labels"]))
+    assert calls == []  # hidden states go to the fused op; no [B, T, V] logits module call
+
+
+def test_export_round_trip_matches_trainer_rewards(tmp_path, tok, batch):
+    torch.manual_seed(1)
+    rm = RewardModel(load_causal_lm("tiny", tok, seed=3), backend="reference")
+    rm = apply_lora(rm, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    with torch.no_grad():  # non-zero adapters so the merge matters
+        for name, p in rm.backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    rm.eval()
+    with torch.no_grad():
+        rewards, _ = rm(batch["input_ids"], batch["attention_mask"])
+    expected = sequence_rewards(rewards, batch["labels"])
+
+    out = export_sequence_classification(rm, tok, str(tmp_path / "export"))
+    hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        scores = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert scores.shape == (6, 1)
+    torch.testing.assert_close(scores[:, 0], expected, rtol=1e-5, atol=1e-5)
+    assert hf.config.num_labels == 1 and hf.config.pad_token_id == tok.pad_token_id
+    assert hf.config.architectures == ["LlamaForSequenceClassification"]
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as fh:
+        keys = set(fh.keys())
+        assert fh.get_tensor("score.weight").shape == (1, 64)
+    assert not any("lm_head" in k or "lora" in k for k in keys)
+
+
+def test_qwen2_from_config_json_trains_and_exports(tmp_path, tok, batch):
+    """Another architecture, random init from a config.json, tied embeddings (the head copy unties them)."""
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config_path = tmp_path / "qwen2.json"
+    config.to_json_file(str(config_path))
+    trainer = RewardTrainer(args=tiny_args(tmp_path, max_steps=2, model_name_or_path=str(config_path)),
+                            train_dataset=TRAIN_ROWS[:16])
+    trainer.train()
+    rm = trainer.model.eval()
+    assert rm.lm_head.weight.data_ptr() != rm.backbone.get_input_embeddings().weight.data_ptr()
+    with torch.no_grad():
+        expected = sequence_rewards(rm(batch["input_ids"], batch["attention_mask"])[0], batch["labels"])
+    hf = AutoModelForSequenceClassification.from_pretrained(export_sequence_classification(rm, tok, str(tmp_path / "hf")))
+    assert type(hf).__name__ == "Qwen2ForSequenceClassification"
+    with torch.no_grad():
+        scores = hf.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# Training loop
+
+def test_ten_step_run_loss_decreases(tmp_path):
+    trainer = RewardTrainer(args=tiny_args(tmp_path), train_dataset=TRAIN_ROWS, eval_dataset=EVAL_ROWS)
+    result = trainer.train()
+    losses = [r["loss"] for r in trainer.log_history if "loss" in r]
+    assert len(losses) == 10
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    run = tmp_path / "run"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "bt_loss", "align_loss", "sft_loss", "omega", "smooth_weight", "accuracy", "margin",
+                "min_reward", "mean_reward", "max_reward", "num_tokens", "lr", "tokens_per_s", "peak_mem_gb", "grad_norm"):
+        assert key in lines[0], key
+    assert lines[0]["smooth_weight"] != 0.5  # the EMA moved
+    assert 0.0 <= result["eval_accuracy"] <= 1.0 and "eval_token_reward_std" in result
+    assert (run / "training.png").exists() and [os.path.basename(p) for p in list_checkpoints(str(run))] == ["checkpoint-10"]
+    for folder in (trainer.save_model(), str(run / "checkpoint-10")):  # both load on their own
+        rm, _ = load_reward_model(folder, backend="reference")
+        torch.testing.assert_close(rm.score.weight, trainer.model.score.weight)
+
+
+@pytest.mark.parametrize("use_peft", [False, True])
+def test_resume_continues_exactly(tmp_path, use_peft):
+    args = tiny_args(tmp_path, max_steps=6, save_steps=3, save_total_limit=3, output_dir=str(tmp_path / "a"),
+                     use_peft=use_peft, lora_r=4)
+    full = RewardTrainer(args=args, train_dataset=TRAIN_ROWS[:40])  # 5 batches: crosses an epoch
+    full.train()
+    assert [os.path.basename(p) for p in list_checkpoints(args.output_dir)] == ["checkpoint-3", "checkpoint-6"]
+    with safe_open(os.path.join(args.output_dir, "checkpoint-3", "model.safetensors"), "pt") as fh:
+        stored = set(fh.keys())
+    assert {"score.weight", "lm_head.weight"} <= stored
+    if use_peft:  # adapters + heads only; the base is rebuilt from model_name_or_path and the seed
+        assert all("lora_" in k or not k.startswith("backbone.") for k in stored)
+    resumed = RewardTrainer(args=args.replace(output_dir=str(tmp_path / "b"),
+                                              resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-3")),
+                            train_dataset=TRAIN_ROWS[:40])
+    resumed.train()
+    a = [(r["step"], r["loss"], r["smooth_weight"]) for r in full.log_history if "loss" in r]
+    b = [(r["step"], r["loss"], r["smooth_weight"]) for r in resumed.log_history if "loss" in r]
+    assert [s for s, _, _ in b] == [1, 2, 3, 4, 5, 6]
+    for (sa, la, wa), (sb, lb, wb) in zip(a, b):
+        assert sa == sb and la == pytest.approx(lb, rel=1e-6, abs=1e-7) and wa == pytest.approx(wb, rel=1e-9)
+    for (name, pa), pb in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("trainer_cls", ["reward", "sft"])
+def test_padding_free_matches_padded(tmp_path, trainer_cls):
+    from icrm import SFTTrainer
+
+    logs = []
+    for packed in (False, True):
+        args = tiny_args(tmp_path, max_steps=3, padding_free=packed, baseline="response_mean",
+                         output_dir=str(tmp_path / f"packed{packed}"), gradient_accumulation_steps=2)
+        cls = RewardTrainer if trainer_cls == "reward" else SFTTrainer
+        trainer = cls(args=args, train_dataset=TRAIN_ROWS[:48], eval_dataset=EVAL_ROWS[:8])
+        result = trainer.train()
+        logs.append(([r["loss"] for r in trainer.log_history if "loss" in r], result))
+    (padded, padded_eval), (packed, packed_eval) = logs
+    assert packed == pytest.approx(padded, rel=1e-4, abs=1e-5)
+    assert packed_eval["eval_loss"] == pytest.approx(padded_eval["eval_loss"], rel=1e-4)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("packed", [False, True])
+def test_triton_kernels_train_like_the_reference(tmp_path, packed):
+    """The trainer on the Triton kernels (interpreter on CPU) gives the reference's losses and grad norms."""
+    import importlib.util
+
+    if importlib.util.find_spec("icrm_kernels.linear_logprobs.kernels") is None:
+        pytest.skip("the Triton kernels are not in this checkout yet")
+    logs = []
+    for kernels in ("reference", "triton"):
+        args = tiny_args(tmp_path, max_steps=2, per_device_train_batch_size=4, kernels=kernels, padding_free=packed,
+                         sft_grad_scale=0.1, output_dir=str(tmp_path / kernels))
+        trainer = RewardTrainer(args=args, train_dataset=TRAIN_ROWS[:16])
+        trainer.train()
+        logs.append([(r["loss"], r["align_loss"], r["sft_loss"], r["grad_norm"]) for r in trainer.log_history if "loss" in r])
+    for ref, tri in zip(*logs):
+        assert tri == pytest.approx(ref, rel=1e-4, abs=1e-6)
+
+
+def test_keep_last_k_and_resume_latest(tmp_path):
+    args = tiny_args(tmp_path, max_steps=4, save_steps=1, save_total_limit=2)
+    RewardTrainer(args=args, train_dataset=TRAIN_ROWS[:32]).train()
+    assert [os.path.basename(p) for p in list_checkpoints(args.output_dir)] == ["checkpoint-3", "checkpoint-4"]
+    again = RewardTrainer(args=args.replace(resume_from_checkpoint="latest"), train_dataset=TRAIN_ROWS[:32])
+    again.train()
+    assert again.global_step == 4  # nothing left to do
+    assert not [n for n in os.listdir(args.output_dir) if n.startswith("tmp-") or n.endswith(".old")]
+
+
+def test_sigkill_mid_save_leaves_last_checkpoint_intact(tmp_path):
+    out = tmp_path / "run"
+    marker = tmp_path / "in_save"
+    script = textwrap.dedent(f"""
+        import time, icrm.train as train
+        from icrm import RewardConfig, RewardTrainer
+        real, calls = train.save_file, []
+        def slow_save(*args, **kw):
+            calls.append(1)
+            real(*args, **kw)
+            if len(calls) == 2:  # the second checkpoint: stop half-way through writing it
+                open({str(marker)!r}, "w").close()
+                time.sleep(600)
+        train.save_file = slow_save
+        args = RewardConfig(output_dir={str(out)!r}, max_steps=3, save_steps=1, per_device_train_batch_size=4, eval_file=None,
+                            logging_steps=1, max_length=32, run_sft=False, compare_bt=False, kernels="reference")
+        RewardTrainer(args=args, train_dataset={TRAIN_ROWS[:16]!r}).train()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": REPO},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the child never reached the second save"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["checkpoint-1"]
+    assert (out / "tmp-checkpoint-2").exists()  # the half-written one, never picked up
+    args = RewardConfig(output_dir=str(out), max_steps=3, save_steps=1, per_device_train_batch_size=4, logging_steps=1, eval_file=None,
+                        max_length=32, run_sft=False, compare_bt=False, kernels="reference", resume_from_checkpoint="latest")
+    trainer = RewardTrainer(args=args, train_dataset=TRAIN_ROWS[:16])
+    trainer.train()
+    assert [r["step"] for r in trainer.log_history if "loss" in r] == [1, 2, 3]  # step 1 from the checkpoint
+    assert not (out / "tmp-checkpoint-2").exists()
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in TRAIN_ROWS[:48]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "icrm.cli", "train",
+           "--run_sft", "false", "--compare_bt", "false", "--max_steps", "3", "--per_device_train_batch_size", "4",
+           "--logging_steps", "1", "--max_length", "32", "--train_file", str(train_file), "--eval_file", "",
+           "--output_dir", str(out), "--kernels", "reference"]
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stage = out / "icrm"
+    lines = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]  # rank 0 writes, once per step
+    assert all(r["loss"] == r["loss"] for r in lines)
+    state = json.loads((stage / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and len(state["smooth_weight"]) == 2
+    assert (stage / "checkpoint-3" / "rng_state_1.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Config
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("learning_rate", -1.0), ("reg_ratio", 2.0), ("max_length", 1), ("per_device_train_batch_size", 0),
+     ("consistency_kind", "cubic"), ("baseline", "median"), ("kernels", "cuda"), ("save_total_limit", 0),
+     ("gradient_accumulation_steps", 1.5), ("warmup_ratio", 1.5), ("cpu_threads", -1)],
+)
+def test_bad_config_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        RewardConfig(**{field: value})
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("learning_rate: 0.01\nmax_steps: 5\nlora_target_modules: [q_proj]\n")
+    cfg = RewardConfig.from_yaml(str(path), {"max_steps": "7", "use_peft": "true", "eval_file": "none"})
+    assert (cfg.learning_rate, cfg.max_steps, cfg.use_peft, cfg.eval_file) == (0.01, 7, True, None)
+    assert cfg.lora_target_modules == ["q_proj"]
+    with pytest.raises(ValueError, match="unknown config field"):
+        RewardConfig.from_dict({"learning_rat": 1})
+    with pytest.raises(ValueError, match="max_steps must be of type int"):
+        RewardConfig.from_dict({"max_steps": "many"})
