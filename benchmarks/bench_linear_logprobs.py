@@ -20,7 +20,8 @@ gradients into ``hidden``, ``weight`` (and ``value_weight``). FLOPs: 2NDV / 6NDV
 
 Usage::
 
-    python benchmarks/bench_linear_logprobs.py --quick      # CPU set, < 5 min on 2 cores
+    python benchmarks/bench_linear_logprobs.py --quick      # CPU set, < 5 min on 2 idle cores
+    python benchmarks/bench_linear_logprobs.py --naive-vs-chunked 3   # eager vs reference A/B
     python benchmarks/bench_linear_logprobs.py              # GPU sweep + ICRM paper recipe
 """
 
@@ -49,10 +50,9 @@ def shapes(mode: str) -> list[tuple[str, int, int, int, str]]:
     if mode == "tiny":
         return [(op, n, 32, 500, "fp32") for op in OPS for n in (64, 128)]
     if mode == "quick":
-        # The reward head adds one GEMV; one shape shows that it costs nothing extra.
-        return [("linear_logprobs", n, 512, 32000, "fp32") for n in (1024, 4096, 8192)] + [
-            ("linear_logprobs_and_rewards", 4096, 512, 32000, "fp32")
-        ]
+        # linear_logprobs only: on CPU the reward head is one more GEMV, and every extra
+        # shape costs a torch.compile of its own (the 5-minute budget).
+        return [("linear_logprobs", n, 512, 32000, "fp32") for n in (1024, 4096, 8192)]
     if mode == "cpu":
         return [(op, n, 512, v, "fp32") for op in OPS for n in (1024, 4096, 8192) for v in (32000, 128256)]
     sweep = [(n, d, v) for n in (4096, 16384, 65536) for v in (32000, 128256, 256000) for d in (2048, 4096)]
@@ -91,7 +91,7 @@ def _peer_logprobs(impl: str, device: str):
     if impl == "eager":
         return eager_logprobs
     if impl == "compile":
-        return torch.compile(eager_logprobs)
+        return harness.compile_fn(eager_logprobs)
     if impl == "torch_linear_ce":
         import torch.nn.functional as F
 
@@ -146,8 +146,6 @@ def build(case: Case, device: str):
             return logprobs(hidden, weight, targets), rewards
 
     def run() -> dict:
-        for t in leaves:
-            t.grad = None
         with torch.set_grad_enabled(backward):
             logp, rewards = forward()
             out = {"logp": logp.detach()}
@@ -161,20 +159,50 @@ def build(case: Case, device: str):
                 out["d_hidden"], out["d_weight"] = hidden.grad, weight.grad
                 if with_rewards:
                     out["d_value_weight"] = value_weight.grad
+        # The gradients live in ``out`` only, so memory measured between calls excludes them.
+        for t in leaves:
+            t.grad = None
         return out
 
     return run
 
 
-BENCH = harness.Benchmark(stem="linear_logprobs", script=__file__, build=build, flops=flops)
+BENCH = harness.Benchmark(stem="linear_logprobs", script=__file__, build=build, flops=flops,
+                          first_call_is_steady=("reference", "eager", "torch_linear_ce"))
+
+
+def naive_vs_chunked(rounds: int, kind: str, out: Path) -> None:
+    """The foundation issue's comparison, eager vs ``reference`` at N=8192, D=512, V=32000,
+    fp32, fwd+bwd, run as alternating A/B rounds (fresh workers each) so that load from other
+    jobs on a shared CPU hits both alike. One row per round and implementation."""
+    rows, notes = [], None
+    for i in range(rounds):
+        got_rows, got_notes = harness.run_cases(
+            BENCH, [Case("linear_logprobs", impl, "fwd+bwd", 8192, 512, 32000, "fp32") for impl in ("reference", "eager")],
+            kind, budget_s=0.0, max_reps=1)
+        rows += got_rows
+        if notes is None:
+            notes = got_notes
+        else:
+            notes["cases"] += got_notes["cases"]
+            notes["skipped"] += got_notes["skipped"]
+        print(f"[naive_vs_chunked] round {i + 1}/{rounds} done", flush=True)
+    notes.update(mode=f"naive_vs_chunked x{rounds}", rounds=rounds)
+    harness.write_results("linear_logprobs_naive_vs_chunked", kind, rows, notes, out)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if harness.worker_main(BENCH, argv):
         return 0
-    args = harness.common_args(__doc__.splitlines()[0]).parse_args(argv)
+    parser = harness.common_args(__doc__.splitlines()[0])
+    parser.add_argument("--naive-vs-chunked", type=int, default=0, metavar="ROUNDS",
+                        help="only run eager vs reference at N=8192, D=512, V=32000 fp32 fwd+bwd, alternating, ROUNDS times")
+    args = parser.parse_args(argv)
     kind = harness.device_kind()
+    if args.naive_vs_chunked:
+        naive_vs_chunked(args.naive_vs_chunked, kind, Path(args.out))
+        return 0
     mode = "tiny" if args.tiny else "quick" if args.quick else kind
     impls = IMPLS if args.impls is None else tuple(args.impls.split(","))
     cases = [Case(op, impl, p, n, d, v, dt) for (op, n, d, v, dt) in shapes(mode) for p in PASSES for impl in impls]

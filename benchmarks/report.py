@@ -1,0 +1,261 @@
+"""Renders the README "Performance" section from the CSVs into ``benchmarks/results/README.md``.
+
+Reads ``results/*.csv`` and their ``.notes.json`` (machine, skipped implementations, absolute
+memory) and the PNGs ``plot.py`` wrote. Nothing here is typed by hand: rerun the benchmarks,
+then ``python benchmarks/plot.py && python benchmarks/report.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+IMPL_ORDER = ("triton", "reference", "ours", "eager", "compile", "torch_linear_ce", "liger", "cce")
+KIND_TITLE = {"cpu": "CPU", "cuda": "GPU"}
+
+
+def _num(text):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _ms(text) -> str:
+    x = _num(text)
+    if x is None:
+        return text or "-"
+    return f"{x:.3g}" if x < 100 else f"{x:,.0f}"
+
+
+def _mb(text) -> str:
+    x = _num(text)
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def _impl_key(impl):
+    return (IMPL_ORDER.index(impl) if impl in IMPL_ORDER else len(IMPL_ORDER), impl)
+
+
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+    return lines + [""]
+
+
+def load(path: Path):
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    notes_path = path.with_suffix(".notes.json")
+    notes = json.loads(notes_path.read_text()) if notes_path.exists() else {}
+    return rows, notes
+
+
+def _reps(notes) -> dict:
+    return {c["label"]: c for c in notes.get("cases", [])}
+
+
+def _label(r) -> str:
+    return f"{r['op']} {r['impl']} {r['pass']} N={r['N']} D={r['D'] or None} V={r['V'] or None} {r['dtype']}"
+
+
+def shape_tables(rows, notes, gemm: bool) -> list[str]:
+    """Per op and pass: one row per shape and implementation."""
+    out = []
+    cases = _reps(notes)
+    for op in sorted({r["op"] for r in rows}):
+        for pass_ in ("fwd", "fwd+bwd"):
+            sel = [r for r in rows if r["op"] == op and r["pass"] == pass_]
+            if not sel:
+                continue
+            sel.sort(key=lambda r: (int(r["N"]), _num(r["D"]) or 0, _num(r["V"]) or 0, _impl_key(r["impl"])))
+            header = ["N", "D", "V", "dtype", "impl", "ms (median)", "p20-p80", "peak MB", "reps"]
+            if gemm:
+                header += ["TFLOP/s", "of GEMM peak"]
+            body = []
+            for r in sel:
+                note = cases.get(_label(r), {})
+                reps = note.get("reps")
+                line = [r["N"], r["D"], r["V"], r["dtype"], r["impl"], _ms(r["ms"]),
+                        f"{_ms(r['ms_p20'])}-{_ms(r['ms_p80'])}" if r["ms_p20"] else "", _mb(r["peak_mb"]),
+                        "do_bench" if reps is None and r["ms"] != "OOM" else (reps or "")]
+                if gemm:
+                    line += [r["tflops"] or "", f"{float(r['gemm_frac']):.0%}" if r["gemm_frac"] else ""]
+                body.append(line)
+            out += [f"**{op}, {pass_}**", ""] + _table(header, body)
+    return out
+
+
+def skipped_lines(notes) -> list[str]:
+    """Skipped / mismatching / OOM implementations, grouped by reason."""
+    by_reason = defaultdict(list)
+    for s in notes.get("skipped", []):
+        impl = s["label"].split()[1]
+        by_reason[(impl, s["status"], s["reason"])].append(s["label"])
+    lines = []
+    for (impl, status, reason), labels in sorted(by_reason.items()):
+        lines.append(f"- `{impl}` {status} in {len(labels)} case(s): {reason}")
+    return lines + [""] if lines else []
+
+
+def _median(values):
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def naive_vs_chunked(rows, notes, source: str) -> list[str]:
+    """The foundation issue's number: eager (full logits) vs our chunked reference, fwd+bwd.
+
+    With several rows per implementation and N (the A/B rounds), the medians are compared.
+    """
+    cases = defaultdict(list)
+    for c in notes.get("cases", []):
+        cases[c["label"]].append(c)
+    groups = defaultdict(list)
+    for r in rows:
+        if r["op"] == "linear_logprobs" and r["pass"] == "fwd+bwd" and r["impl"] in ("eager", "reference"):
+            groups[(r["impl"], r["N"], r["D"], r["V"])].append(r)
+    body = []
+    for key in sorted({k[1:] for k in groups}, key=lambda k: int(k[0])):
+        eager, ref = groups.get(("eager", *key)), groups.get(("reference", *key))
+        if not eager or not ref:
+            continue
+        stats = {}
+        for name, sel in (("eager", eager), ("reference", ref)):
+            labels = {_label(r) for r in sel}
+            stats[name] = dict(
+                ms=_median(_num(r["ms"]) for r in sel), mb=_median(_num(r["peak_mb"]) for r in sel),
+                abs=_median(c["peak_abs_mb"] for lab in labels for c in cases.get(lab, [])),
+                all_ms=", ".join(_ms(r["ms"]) for r in sel), n=len(sel))
+        e, c = stats["eager"], stats["reference"]
+        if e["ms"] is None or c["ms"] is None:
+            continue
+        body.append([*key, min(e["n"], c["n"]), f"{e['ms']:,.0f} ({e['all_ms']})", f"{c['ms']:,.0f} ({c['all_ms']})",
+                     f"{e['ms'] / c['ms']:.2f}x", _mb(e["mb"]), _mb(c["mb"]), f"{e['mb'] / c['mb']:.1f}x",
+                     _mb(e["abs"]), _mb(c["abs"])])
+    if not body:
+        return []
+    header = ["N", "D", "V", "rounds", "eager ms (each)", "chunked ms (each)", "time eager/chunked",
+              "eager extra MB", "chunked extra MB", "extra memory eager/chunked", "eager peak RSS MB",
+              "chunked peak RSS MB"]
+    return [f"**Naive eager vs our chunked reference** (`linear_logprobs`, fp32, forward + backward; {source})", "",
+            "Target of the foundation issue: at least 4x less extra memory than naive at no more time. "
+            "Medians over the rounds; extra MB is peak RSS minus the RSS of the process holding the inputs.", ""
+            ] + _table(header, body)
+
+
+def consistency_tables(rows, notes) -> list[str]:
+    copy = notes.get("copy_gbps")
+    out = [f"Bytes model: {notes.get('bytes_model', '')}. Measured copy bandwidth of this device: "
+           f"{copy:.1f} GB/s (clone of 256 MiB, read + write)." if copy else "", ""]
+    for op in sorted({r["op"] for r in rows}):
+        sel = sorted((r for r in rows if r["op"] == op), key=lambda r: (int(r["N"]), _impl_key(r["impl"])))
+        body = []
+        for r in sel:
+            ms = _num(r["ms"])
+            gbps = int(r["N"]) * (2 * (4 + 4 + 1) + 4) / (ms * 1e-3) / 1e9 if ms else None
+            body.append([r["N"], r["impl"], _ms(r["ms"]), f"{_ms(r['ms_p20'])}-{_ms(r['ms_p80'])}", _mb(r["peak_mb"]),
+                         f"{gbps:.2f}" if gbps else "-", f"{gbps / copy:.1%}" if gbps and copy else "-"])
+        out += [f"**{op}, fwd+bwd**", ""] + _table(
+            ["tokens", "impl", "ms", "p20-p80", "peak MB", "GB/s", "of copy bandwidth"], body)
+    return out
+
+
+def train_step_tables(rows, notes) -> list[str]:
+    cases = _reps(notes)
+    out = [f"Config `{notes.get('config')}` {notes.get('config_params')}: {notes.get('params_per_model', 0) / 1e6:.1f} M "
+           f"parameters per model (RM trained + generator frozen), {notes.get('pairs')} pair(s) = "
+           f"{2 * (notes.get('pairs') or 0)} rows per step.", ""]
+    body = []
+    for r in sorted(rows, key=lambda r: (int(r["N"]), _impl_key(r["impl"]))):
+        ms = _num(r["ms"])
+        note = cases.get(_label(r), {})
+        tokens = int(r["N"])
+        length = tokens // (2 * (notes.get("pairs") or 1))
+        body.append([length, tokens, r["impl"], _ms(r["ms"]), f"{tokens / (ms * 1e-3):,.0f}" if ms else "-",
+                     _mb(r["peak_mb"]), _mb(note.get("peak_abs_mb"))])
+    out += _table(["T", "tokens/step", "impl", "ms/step", "tokens/s", "extra MB", "peak RSS MB"], body)
+    cap = notes.get("cap_mb")
+    if notes.get("max_T"):
+        rule = f"peak RSS of the worker process <= {cap:.0f} MB" if cap else "no CUDA out-of-memory"
+        out += [f"**Longest sequence that fits** ({rule}; T doubled from 256, then bisected in steps of 256):", ""]
+        out += _table(["impl", "max T", "note"], [
+            [m["impl"], m["max_T"], f"search capped at T={m['search_cap_T']}" if m["hit_search_cap"] else ""]
+            for m in notes["max_T"]])
+    return out
+
+
+def render(results_dir: Path = RESULTS_DIR) -> str:
+    lines = ["# Performance", "",
+             "Generated by `benchmarks/report.py` from the CSVs in this folder "
+             "(`python benchmarks/bench_*.py --quick` on CPU, without `--quick` on a GPU; then "
+             "`python benchmarks/plot.py && python benchmarks/report.py`).", "",
+             "How to read the numbers:", "",
+             "- `ms`: median time of one call; `p20-p80` its spread. GPU: `triton.testing.do_bench`. "
+             "CPU: a timed loop after a warm-up call that is also the correctness check; calls longer "
+             "than the time budget run once (`reps` = 1; for uncompiled implementations that checked "
+             "first call is the sample). The CPU was shared with other jobs: expect noise.",
+             "- `peak MB` is the memory a call needs *beyond its inputs*, gradients included: "
+             "CPU: peak RSS of the worker process during the call minus the RSS of the same process "
+             "holding only the inputs (each implementation runs in its own process; the peak is reset "
+             "between cases through `/proc/self/clear_refs`). GPU: `torch.cuda.max_memory_allocated` "
+             "during one call minus what was allocated before it.",
+             "- Every implementation's output (log-probs, and gradients for fwd+bwd) was checked against "
+             "ours (`reference`) before it was timed; one that disagrees is listed as a mismatch, not timed.",
+             "- `TFLOP/s`: 2NDV (fwd) or 6NDV (fwd+bwd) per call; `of GEMM peak`: that over the TFLOP/s of "
+             "`torch.matmul` on `[N, D] x [D, V]` measured in the same run (bf16 on GPU, the run's dtype on CPU).",
+             ""]
+    csvs = sorted(results_dir.glob("*.csv"))
+    kinds = sorted({p.stem.rsplit("_", 1)[1] for p in csvs})
+    if "cuda" not in kinds:
+        lines += ["**GPU numbers are pending**: no GPU was available when these were measured; "
+                  "the GPU sweep (N in {4096, 16384, 65536} x V in {32000, 128256, 256000} x D in {2048, 4096}, "
+                  "bf16, plus the ICRM paper recipe N=6144, D=2048, V=256000) runs with "
+                  "`python benchmarks/bench_linear_logprobs.py` on a CUDA machine.", ""]
+    for path in csvs:
+        rows, notes = load(path)
+        stem, kind = path.stem.rsplit("_", 1)
+        device = rows[0]["device"] if rows else notes.get("device", "")
+        versions = f"torch {rows[0]['torch']}, triton {rows[0]['triton']}, commit {rows[0]['commit']}" if rows else ""
+        lines += [f"## `{stem}` on {KIND_TITLE.get(kind, kind)}: {device}", "", f"{versions}; mode `{notes.get('mode')}`.", ""]
+        if stem == "linear_logprobs_naive_vs_chunked":
+            continue
+        if stem == "linear_logprobs":
+            ab = results_dir / f"linear_logprobs_naive_vs_chunked_{kind}.csv"
+            if ab.exists():
+                lines += naive_vs_chunked(*load(ab), "alternating A/B rounds, a fresh process per call, "
+                                          "from `bench_linear_logprobs.py --naive-vs-chunked`")
+            lines += naive_vs_chunked(rows, notes, "from the sweep below")
+            lines += shape_tables(rows, notes, gemm=True)
+        elif stem == "consistency":
+            lines += consistency_tables(rows, notes)
+        elif stem == "train_step":
+            lines += train_step_tables(rows, notes)
+        else:
+            lines += shape_tables(rows, notes, gemm=False)
+        skipped = skipped_lines(notes)
+        if skipped:
+            lines += ["Not timed:", ""] + skipped
+        for png in sorted(results_dir.glob(f"{path.stem}__*.png")):
+            lines += [f"![{png.stem}]({png.name})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    results_dir = Path(argv[0]) if argv else RESULTS_DIR
+    out = results_dir / "README.md"
+    out.write_text(render(results_dir))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
