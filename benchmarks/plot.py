@@ -62,7 +62,7 @@ def _panel_grid(rows, axis: str, fixed: tuple[str, ...], title: str, out: Path) 
             mem = [(x, p[2]) for x, p in zip(xs, points) if p[2] is not None and p[2] > 0]
             if mem:
                 axes[i][1].plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=impl)
-        for j, ylabel in enumerate(("time per call (ms)", "peak memory (MB)")):
+        for j, ylabel in enumerate(("time per call (ms)", "peak memory beyond inputs (MB)")):
             ax = axes[i][j]
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")

@@ -133,28 +133,33 @@ def naive_vs_chunked(rows, notes, source: str) -> list[str]:
             stats[name] = dict(
                 ms=_median(_num(r["ms"]) for r in sel), mb=_median(_num(r["peak_mb"]) for r in sel),
                 abs=_median(c["peak_abs_mb"] for lab in labels for c in cases.get(lab, [])),
+                cpu=_median(c.get("cpu_ms") for lab in labels for c in cases.get(lab, [])),
                 all_ms=", ".join(_ms(r["ms"]) for r in sel), n=len(sel))
         e, c = stats["eager"], stats["reference"]
         if e["ms"] is None or c["ms"] is None:
             continue
         body.append([*key, min(e["n"], c["n"]), f"{e['ms']:,.0f} ({e['all_ms']})", f"{c['ms']:,.0f} ({c['all_ms']})",
-                     f"{e['ms'] / c['ms']:.2f}x", _mb(e["mb"]), _mb(c["mb"]), f"{e['mb'] / c['mb']:.1f}x",
+                     f"{e['ms'] / c['ms']:.2f}x",
+                     f"{e['cpu'] / c['cpu']:.2f}x" if e["cpu"] and c["cpu"] else "-",
+                     _mb(e["mb"]), _mb(c["mb"]), f"{e['mb'] / c['mb']:.1f}x",
                      _mb(e["abs"]), _mb(c["abs"])])
     if not body:
         return []
-    header = ["N", "D", "V", "rounds", "eager ms (each)", "chunked ms (each)", "time eager/chunked",
-              "eager extra MB", "chunked extra MB", "extra memory eager/chunked", "eager peak RSS MB",
+    header = ["N", "D", "V", "rounds", "eager ms (each)", "chunked ms (each)", "wall time eager/chunked",
+              "CPU time eager/chunked", "eager extra MB", "chunked extra MB", "extra memory eager/chunked", "eager peak RSS MB",
               "chunked peak RSS MB"]
     return [f"**Naive eager vs our chunked reference** (`linear_logprobs`, fp32, forward + backward; {source})", "",
             "Target of the foundation issue: at least 4x less extra memory than naive at no more time. "
-            "Medians over the rounds; extra MB is peak RSS minus the RSS of the process holding the inputs.", ""
+            "Medians over the rounds; extra MB is peak RSS minus the RSS of the process holding the inputs. "
+            "CPU time (process user + system time of the call, all threads) is less disturbed than wall time "
+            "by other jobs on a shared machine.", ""
             ] + _table(header, body)
 
 
 def consistency_tables(rows, notes) -> list[str]:
     copy = notes.get("copy_gbps")
     out = [f"Bytes model: {notes.get('bytes_model', '')}. Measured copy bandwidth of this device: "
-           f"{copy:.1f} GB/s (clone of 256 MiB, read + write)." if copy else "", ""]
+           f"{copy:.1f} GB/s (`copy_` between two resident 256 MiB buffers, read + write)." if copy else "", ""]
     for op in sorted({r["op"] for r in rows}):
         sel = sorted((r for r in rows if r["op"] == op), key=lambda r: (int(r["N"]), _impl_key(r["impl"])))
         body = []
