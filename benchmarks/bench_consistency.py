@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     notes["copy_gbps"] = copy_gbps(kind)
     notes["bytes_model"] = "N * (2 * (4 + 4 + 1) + 4) bytes for fp32: read rewards, weights, mask twice, write grad"
     notes["row_tokens"] = ROW_TOKENS
-    harness.write_results("consistency", kind, rows, notes, Path(args.out))
+    harness.write_results("consistency", kind, rows, notes, Path(args.out), append=args.append)
     return 0
 
 

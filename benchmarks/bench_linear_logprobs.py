@@ -198,6 +198,8 @@ def main(argv=None) -> int:
     parser = harness.common_args(__doc__.splitlines()[0])
     parser.add_argument("--naive-vs-chunked", type=int, default=0, metavar="ROUNDS",
                         help="only run eager vs reference at N=8192, D=512, V=32000 fp32 fwd+bwd, alternating, ROUNDS times")
+    parser.add_argument("--ops", default=",".join(OPS), help="comma-separated ops (split a long GPU sweep)")
+    parser.add_argument("--n", default=None, help="comma-separated N values to keep from the mode's shapes")
     args = parser.parse_args(argv)
     kind = harness.device_kind()
     if args.naive_vs_chunked:
@@ -205,11 +207,14 @@ def main(argv=None) -> int:
         return 0
     mode = "tiny" if args.tiny else "quick" if args.quick else kind
     impls = IMPLS if args.impls is None else tuple(args.impls.split(","))
-    cases = [Case(op, impl, p, n, d, v, dt) for (op, n, d, v, dt) in shapes(mode) for p in PASSES for impl in impls]
+    ops = args.ops.split(",")
+    sizes = None if args.n is None else {int(n) for n in args.n.split(",")}
+    cases = [Case(op, impl, p, n, d, v, dt) for (op, n, d, v, dt) in shapes(mode) for p in PASSES for impl in impls
+             if op in ops and (sizes is None or n in sizes)]
     budget = args.budget_s if args.budget_s is not None else {"tiny": 0.2, "quick": 1.5}.get(mode, 10.0)
     rows, notes = harness.run_cases(BENCH, cases, kind, budget_s=budget, max_reps=5 if mode != "tiny" else 2)
     notes["mode"] = mode
-    harness.write_results("linear_logprobs", kind, rows, notes, Path(args.out))
+    harness.write_results("linear_logprobs", kind, rows, notes, Path(args.out), append=args.append)
     return 0
 
 

@@ -243,7 +243,7 @@ def main(argv=None) -> int:
         for impl in impls:
             notes["max_T"].append(longest_fitting(impl, config, pairs, dtype, kind, args.cap_mb, t_max, rows, notes))
             print("[train_step] " + json.dumps(notes["max_T"][-1]), flush=True)
-    harness.write_results("train_step", kind, rows, notes, Path(args.out))
+    harness.write_results("train_step", kind, rows, notes, Path(args.out), append=args.append)
     return 0
 
 

@@ -515,18 +515,36 @@ def _collect(bench, results, rows, notes, env, kind, gemm_cache):
             print(f"  {label}: {status.upper()}: {res['reason']}", flush=True)
 
 
-def write_results(stem: str, kind: str, rows: list[dict], notes: dict, out_dir: Path = RESULTS_DIR) -> Path:
-    """Writes ``<stem>_<kind>.csv`` (exactly :data:`COLUMNS`) and its ``.notes.json``."""
+def write_results(stem: str, kind: str, rows: list[dict], notes: dict, out_dir: Path = RESULTS_DIR,
+                  append: bool = False) -> Path:
+    """Writes ``<stem>_<kind>.csv`` (exactly :data:`COLUMNS`) and its ``.notes.json``.
+
+    ``append`` merges into an existing file (a sweep split over several runs): rows of the
+    same case are replaced, notes lists extended.
+    """
     import csv
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}_{kind}.csv"
+    notes_path = path.with_suffix(".notes.json")
+    if append and path.exists():
+        def key(row):
+            return tuple(str(row[k]) for k in ("op", "impl", "pass", "N", "D", "V", "dtype"))
+
+        with path.open() as fh:
+            old_rows = list(csv.DictReader(fh))
+        new_keys = {key(r) for r in rows}
+        rows = [r for r in old_rows if key(r) not in new_keys] + rows
+        if notes_path.exists():
+            old_notes = json.loads(notes_path.read_text())
+            for name in ("skipped", "cases"):
+                notes[name] = old_notes.get(name, []) + notes.get(name, [])
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in COLUMNS})
-    path.with_suffix(".notes.json").write_text(json.dumps(notes, indent=1) + "\n")
+    notes_path.write_text(json.dumps(notes, indent=1) + "\n")
     print(f"wrote {path} ({len(rows)} rows)", flush=True)
     return path
 
@@ -548,4 +566,5 @@ def common_args(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--impls", default=None, help="comma-separated implementations to run (default: all)")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
     parser.add_argument("--budget-s", type=float, default=None, help="CPU: seconds of timed calls per case")
+    parser.add_argument("--append", action="store_true", help="merge into the existing CSV (a sweep split over runs)")
     return parser

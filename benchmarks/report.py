@@ -223,7 +223,14 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
         lines += ["**GPU numbers are pending**: no GPU was available when these were measured; "
                   "the GPU sweep (N in {4096, 16384, 65536} x V in {32000, 128256, 256000} x D in {2048, 4096}, "
                   "bf16, plus the ICRM paper recipe N=6144, D=2048, V=256000) runs with "
-                  "`python benchmarks/bench_linear_logprobs.py` on a CUDA machine.", ""]
+                  "these commands on a CUDA machine (the sweep is split so that each run stays short):", "",
+                  "```",
+                  "python benchmarks/bench_linear_logprobs.py --ops linear_logprobs",
+                  "python benchmarks/bench_linear_logprobs.py --ops linear_logprobs_and_rewards --append",
+                  "python benchmarks/bench_consistency.py",
+                  "python benchmarks/bench_train_step.py      # ~1.1B Llama-style config, bf16",
+                  "python benchmarks/plot.py && python benchmarks/report.py",
+                  "```", ""]
     for path in csvs:
         rows, notes = load(path)
         stem, kind = path.stem.rsplit("_", 1)
