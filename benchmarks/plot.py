@@ -13,6 +13,7 @@ Usage::
 from __future__ import annotations
 
 import csv
+import statistics
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -45,12 +46,17 @@ def _impl_key(impl: str):
 def _panel_grid(rows, axis: str, fixed: tuple[str, ...], title: str, out: Path) -> bool:
     """One figure: a row per pass, columns time and memory, a line per impl vs ``axis``."""
     passes = sorted({r["pass"] for r in rows})
-    series = defaultdict(list)
+    by_x = defaultdict(list)
     for r in rows:
         ms, mb, x = _num(r["ms"]), _num(r["peak_mb"]), _num(r[axis])
         if ms is not None and x is not None:
-            series[(r["pass"], r["impl"])].append((x, ms, mb))
-    if not any(len(points) > 1 for points in series.values()):
+            by_x[(r["pass"], r["impl"], x)].append((ms, mb))
+    # Repeated measurements of one point (A/B rounds, probes) are drawn as their median.
+    series = defaultdict(list)
+    for (pass_, impl, x), points in by_x.items():
+        mbs = [p[1] for p in points if p[1] is not None]
+        series[(pass_, impl)].append((x, statistics.median(p[0] for p in points), statistics.median(mbs) if mbs else None))
+    if not any(len({p[0] for p in points}) > 1 for points in series.values()):
         return False
     fig, axes = plt.subplots(len(passes), 2, figsize=(11, 3.6 * len(passes)), squeeze=False)
     for i, pass_ in enumerate(passes):
