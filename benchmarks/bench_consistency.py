@@ -38,7 +38,7 @@ ROW_TOKENS = 1024
 
 def token_counts(mode: str) -> list[int]:
     if mode == "tiny":
-        return [4096]
+        return [2048, 4096]
     if mode == "quick":
         return [1 << 16, 1 << 18, 1 << 20]
     return [1 << 16, 1 << 18, 1 << 20, 1 << 22]
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     impls = IMPLS if args.impls is None else tuple(args.impls.split(","))
     cases = [Case(f"consistency_loss_{layout}", impl, "fwd+bwd", n, None, None, "fp32")
              for layout in LAYOUTS for n in token_counts(mode) for impl in impls]
-    budget = args.budget_s if args.budget_s is not None else {"tiny": 0.2, "quick": 1.0}.get(mode, 5.0)
+    budget = args.budget_s if args.budget_s is not None else {"tiny": 0.02, "quick": 1.0}.get(mode, 5.0)
     rows, notes = harness.run_cases(BENCH, cases, kind, budget_s=budget, max_reps=10)
     notes["mode"] = mode
     notes["copy_gbps"] = copy_gbps(kind)

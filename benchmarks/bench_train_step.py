@@ -76,9 +76,10 @@ def make_models(case: Case, device: str):
     config = LlamaConfig(**CONFIGS[case.extra["config"]], max_position_embeddings=max(case.extra["T"], 2048),
                          tie_word_embeddings=False, attn_implementation="sdpa")
     torch.manual_seed(0)
-    rm = LlamaForCausalLM(config).to(device=device, dtype=dtype)
-    value_head = torch.nn.Linear(config.hidden_size, 1).to(device=device, dtype=dtype)
-    generator = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    with torch.device(device):  # initialise in place: a 1B model built on CPU first takes long
+        rm = LlamaForCausalLM(config).to(dtype=dtype)
+        value_head = torch.nn.Linear(config.hidden_size, 1).to(dtype=dtype)
+        generator = LlamaForCausalLM(config).to(dtype=dtype).eval().requires_grad_(False)
     return rm, value_head, generator
 
 
@@ -200,21 +201,29 @@ def longest_fitting(impl, config, pairs, dtype, kind, cap_mb, t_max, rows, notes
         print(f"[train_step] probe {impl} T={length}: {'fits' if ok else 'does not fit'} (peak RSS {peak} MB)", flush=True)
         return ok
 
-    good, bad = 0, None
-    length = 256
+    good, capped = longest(probe, t_max)
+    return {"impl": impl, "max_T": good, "search_cap_T": t_max, "hit_search_cap": capped}
+
+
+def longest(fits_at, t_max: int, step: int = 256) -> tuple[int, bool]:
+    """Largest multiple of ``step`` <= ``t_max`` where ``fits_at`` holds (0 if none), assuming
+    it holds below some threshold only; and whether the search stopped at ``t_max``.
+    Doubles from ``step``, then bisects between the last fit and the first failure."""
+    good, length = 0, step
     while length <= t_max:
-        if not probe(length):
-            bad = length
+        if not fits_at(length):
             break
         good, length = length, length * 2
-    if bad is not None:
-        while bad - good > 256:
-            mid = (good + bad) // 2 // 256 * 256
-            if probe(mid):
-                good = mid
-            else:
-                bad = mid
-    return {"impl": impl, "max_T": good, "search_cap_T": t_max, "hit_search_cap": bad is None}
+    else:
+        return good, True
+    bad = length
+    while bad - good > step:
+        mid = (good + bad) // 2 // step * step
+        if fits_at(mid):
+            good = mid
+        else:
+            bad = mid
+    return good, False
 
 
 def main(argv=None) -> int:
@@ -234,7 +243,7 @@ def main(argv=None) -> int:
         "cuda": ("1b", 2, 1024, "bf16", 65536),
     }[mode]
     impls = IMPLS if args.impls is None else tuple(args.impls.split(","))
-    budget = args.budget_s if args.budget_s is not None else {"tiny": 0.2, "quick": 3.0}.get(mode, 10.0)
+    budget = args.budget_s if args.budget_s is not None else {"tiny": 0.02, "quick": 3.0}.get(mode, 10.0)
     rows, notes = harness.run_cases(BENCH, [make_case(i, config, pairs, length, dtype) for i in impls], kind,
                                     budget_s=budget, max_reps=5)
     notes.update(mode=mode, config=config, config_params=CONFIGS[config], params_per_model=param_count(config),

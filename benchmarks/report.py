@@ -73,7 +73,9 @@ def shape_tables(rows, notes, gemm: bool) -> list[str]:
             if not sel:
                 continue
             sel.sort(key=lambda r: (int(r["N"]), _num(r["D"]) or 0, _num(r["V"]) or 0, _impl_key(r["impl"])))
-            header = ["N", "D", "V", "dtype", "impl", "ms (median)", "p20-p80", "peak MB", "reps"]
+            cpu_run = any(c.get("cpu_ms") for c in notes.get("cases", []))
+            header = ["N", "D", "V", "dtype", "impl", "ms (median)", "p20-p80"] + (["CPU ms"] if cpu_run else []) + [
+                "peak MB", "reps"]
             if gemm:
                 header += ["TFLOP/s", "of GEMM peak"]
             body = []
@@ -81,7 +83,10 @@ def shape_tables(rows, notes, gemm: bool) -> list[str]:
                 note = cases.get(_label(r), {})
                 reps = note.get("reps")
                 line = [r["N"], r["D"], r["V"], r["dtype"], r["impl"], _ms(r["ms"]),
-                        f"{_ms(r['ms_p20'])}-{_ms(r['ms_p80'])}" if r["ms_p20"] else "", _mb(r["peak_mb"]),
+                        f"{_ms(r['ms_p20'])}-{_ms(r['ms_p80'])}" if r["ms_p20"] else ""]
+                if cpu_run:
+                    line.append(_ms(str(note["cpu_ms"])) if note.get("cpu_ms") else "-")
+                line += [_mb(r["peak_mb"]),
                         "do_bench" if reps is None and r["ms"] != "OOM" else (reps or "")]
                 if gemm:
                     line += [r["tflops"] or "", f"{float(r['gemm_frac']):.0%}" if r["gemm_frac"] else ""]
@@ -211,10 +216,13 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
              "(`python benchmarks/bench_*.py --quick` on CPU, without `--quick` on a GPU; then "
              "`python benchmarks/plot.py && python benchmarks/report.py`).", "",
              "How to read the numbers:", "",
-             "- `ms`: median time of one call; `p20-p80` its spread. GPU: `triton.testing.do_bench`. "
+             "- `ms`: median wall time of one call; `p20-p80` its spread. GPU: `triton.testing.do_bench`. "
              "CPU: a timed loop after a warm-up call that is also the correctness check; calls longer "
              "than the time budget run once (`reps` = 1; for uncompiled implementations that checked "
-             "first call is the sample). The CPU was shared with other jobs: expect noise.",
+             "first call is the sample). The CPU was shared with other jobs (load average 3-6 on 2 cores "
+             "during these runs): wall times are noisy, up to 2-3x. `CPU ms` (user + system time of the "
+             "worker process during the call, both threads) is far less disturbed by that load and is the "
+             "better number for comparing implementations here.",
              "- `peak MB` is the memory a call needs *beyond its inputs*, gradients included: "
              "CPU: peak RSS of the worker process during the call minus the RSS of the same process "
              "holding only the inputs (each implementation runs in its own process; the peak is reset "
