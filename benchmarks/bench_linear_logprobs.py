@@ -12,6 +12,8 @@ Implementations (``impl``):
   ``impl="cce"`` on GPU and ``impl="torch_compile"`` on CPU (logp = -loss).
 * ``triton`` / ``reference``: ours, ``backend="triton"`` / ``backend="reference"`` (row-chunked
   recompute on large N*V). ``reference`` is the oracle every other output is checked against.
+* ``reference_naive`` (``--naive-vs-chunked`` only): the library's unchunked oracle
+  ``linear_logprobs_reference`` (full logits, ``logsumexp``), the "naive" of the foundation issue.
 
 Passes: ``fwd`` runs under ``torch.no_grad()`` (the frozen generator's use);
 ``fwd+bwd`` runs the forward with autograd and backpropagates fixed random output
@@ -90,6 +92,10 @@ def _peer_logprobs(impl: str, device: str):
     """``(hidden, weight, targets) -> logp [N]`` for a peer, or raise Skip with the reason."""
     if impl == "eager":
         return eager_logprobs
+    if impl == "reference_naive":
+        from icrm_kernels.linear_logprobs.reference import linear_logprobs_reference
+
+        return linear_logprobs_reference
     if impl == "compile":
         return harness.compile_fn(eager_logprobs)
     if impl == "torch_linear_ce":
@@ -168,17 +174,18 @@ def build(case: Case, device: str):
 
 
 BENCH = harness.Benchmark(stem="linear_logprobs", script=__file__, build=build, flops=flops,
-                          first_call_is_steady=("reference", "eager", "torch_linear_ce"))
+                          first_call_is_steady=("reference", "reference_naive", "eager", "torch_linear_ce"))
 
 
 def naive_vs_chunked(rounds: int, kind: str, out: Path) -> None:
-    """The foundation issue's comparison, eager vs ``reference`` at N=8192, D=512, V=32000,
-    fp32, fwd+bwd, run as alternating A/B rounds (fresh workers each) so that load from other
-    jobs on a shared CPU hits both alike. One row per round and implementation."""
+    """The foundation issue's comparison: naive (``eager`` and the library's unchunked
+    ``reference_naive``) vs the chunked ``reference`` at N=8192, D=512, V=32000, fp32, fwd+bwd,
+    in alternating rounds (fresh workers each) so that load from other jobs on a shared CPU
+    hits all alike. One row per round and implementation."""
     rows, notes = [], None
     for i in range(rounds):
         got_rows, got_notes = harness.run_cases(
-            BENCH, [Case("linear_logprobs", impl, "fwd+bwd", 8192, 512, 32000, "fp32") for impl in ("reference", "eager")],
+            BENCH, [Case("linear_logprobs", impl, "fwd+bwd", 8192, 512, 32000, "fp32") for impl in ("reference", "eager", "reference_naive")],
             kind, budget_s=0.0, max_reps=1)
         rows += got_rows
         if notes is None:
@@ -197,7 +204,8 @@ def main(argv=None) -> int:
         return 0
     parser = harness.common_args(__doc__.splitlines()[0])
     parser.add_argument("--naive-vs-chunked", type=int, default=0, metavar="ROUNDS",
-                        help="only run eager vs reference at N=8192, D=512, V=32000 fp32 fwd+bwd, alternating, ROUNDS times")
+                        help="only run naive (eager, reference_naive) vs chunked reference at N=8192, D=512, "
+                             "V=32000 fp32 fwd+bwd, alternating, ROUNDS times")
     parser.add_argument("--ops", default=",".join(OPS), help="comma-separated ops (split a long GPU sweep)")
     parser.add_argument("--n", default=None, help="comma-separated N values to keep from the mode's shapes")
     args = parser.parse_args(argv)
