@@ -220,10 +220,11 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
              "- `ms`: median wall time of one call; `p20-p80` its spread. GPU: `triton.testing.do_bench`. "
              "CPU: a timed loop after a warm-up call that is also the correctness check; calls longer "
              "than the time budget run once (`reps` = 1; for uncompiled implementations that checked "
-             "first call is the sample). The CPU was shared with other jobs (load average 3-6 on 2 cores "
-             "during these runs): wall times are noisy, up to 2-3x. `CPU ms` (user + system time of the "
-             "worker process during the call, both threads) is far less disturbed by that load and is the "
-             "better number for comparing implementations here.",
+             "first call is the sample). The CPU is shared with other jobs: the committed CPU numbers were "
+             "measured at a load average of about 0.5-2 on 2 cores; runs at a load of 3-6 were 2-3x slower "
+             "in wall time (and up to 100x for the many small ops of `consistency_loss`). `CPU ms` (user + "
+             "system time of the worker process during the call, both threads) is less disturbed by such "
+             "load than wall time.",
              "- `peak MB` is the memory a call needs *beyond its inputs*, gradients included: "
              "CPU: peak RSS of the worker process during the call minus the RSS of the same process "
              "holding only the inputs (each implementation runs in its own process; the peak is reset "
@@ -236,7 +237,9 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
              "the fastest of a few calls). On the shared CPU the GEMM and the op were timed at different moments "
              "of the other jobs' load, so a fraction above 100% only says the op was timed at a quieter moment.",
              ""]
-    csvs = sorted(results_dir.glob("*.csv"))
+    order = ("linear_logprobs", "consistency", "train_step")
+    csvs = sorted(results_dir.glob("*.csv"),
+                  key=lambda p: (order.index(p.stem.rsplit("_", 1)[0]) if p.stem.rsplit("_", 1)[0] in order else len(order), p.name))
     kinds = sorted({p.stem.rsplit("_", 1)[1] for p in csvs})
     if "cuda" not in kinds:
         lines += ["**GPU numbers are pending**: no GPU was available when these were measured; "
