@@ -1,0 +1,230 @@
+"""Speed and memory of ``linear_logprobs`` / ``linear_logprobs_and_rewards`` vs eager, compile and peers.
+
+Implementations (``impl``):
+
+* ``eager``: full ``[N, V]`` logits, ``log_softmax``, ``gather`` (+ a separate reward GEMV),
+  the way the ICRM authors' code gets token log-probs.
+* ``compile``: ``torch.compile`` of that eager code.
+* ``torch_linear_ce``: ``torch.nn.functional.linear_cross_entropy(..., reduction="none")``
+  with ``options=LinearCrossEntropyOptions()`` (its chunked path; logp = -loss).
+* ``liger``: Liger-Kernel ``LigerFusedLinearCrossEntropyLoss(reduction="none")``.
+* ``cce``: Apple cut-cross-entropy ``linear_cross_entropy(..., reduction="none")`` with
+  ``impl="cce"`` on GPU and ``impl="torch_compile"`` on CPU (logp = -loss).
+* ``triton`` / ``reference``: ours, ``backend="triton"`` / ``backend="reference"`` (row-chunked
+  recompute on large N*V). ``reference`` is the oracle every other output is checked against.
+* ``reference_naive`` (``--naive-vs-chunked`` only): the library's unchunked oracle
+  ``linear_logprobs_reference`` (full logits, ``logsumexp``), the "naive" of the foundation issue.
+
+Passes: ``fwd`` runs under ``torch.no_grad()`` (the frozen generator's use);
+``fwd+bwd`` runs the forward with autograd and backpropagates fixed random output
+gradients into ``hidden``, ``weight`` (and ``value_weight``). FLOPs: 2NDV / 6NDV
+(+ 2ND / 6ND for the reward head); recomputation is not counted.
+
+Usage::
+
+    python benchmarks/bench_linear_logprobs.py --quick      # CPU set, < 5 min on 2 idle cores
+    python benchmarks/bench_linear_logprobs.py --naive-vs-chunked 3   # eager vs reference A/B
+    python benchmarks/bench_linear_logprobs.py              # GPU sweep + ICRM paper recipe
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import harness  # noqa: E402
+from harness import Case, Skip  # noqa: E402
+
+OPS = ("linear_logprobs", "linear_logprobs_and_rewards")
+IMPLS = ("reference", "eager", "compile", "torch_linear_ce", "liger", "cce", "triton")
+PASSES = ("fwd", "fwd+bwd")
+#: ICRM paper recipe (gemma-2b): 3 pairs x 1024 tokens x 2 rows = 6144 tokens, D=2048, V=256000.
+PAPER_SHAPE = (6144, 2048, 256000)
+
+
+def shapes(mode: str) -> list[tuple[str, int, int, int, str]]:
+    """(op, N, D, V, dtype) per mode; every shape runs every pass and implementation."""
+    if mode == "tiny":
+        return [(op, 64, 32, 500, "fp32") for op in OPS]
+    if mode == "quick":
+        # linear_logprobs only: on CPU the reward head is one more GEMV, and every extra
+        # shape costs a torch.compile of its own (the 5-minute budget).
+        return [("linear_logprobs", n, 512, 32000, "fp32") for n in (1024, 4096, 8192)]
+    if mode == "cpu":
+        return [(op, n, 512, v, "fp32") for op in OPS for n in (1024, 4096, 8192) for v in (32000, 128256)]
+    sweep = [(n, d, v) for n in (4096, 16384, 65536) for v in (32000, 128256, 256000) for d in (2048, 4096)]
+    return [(op, n, d, v, "bf16") for op in OPS for (n, d, v) in sweep + [PAPER_SHAPE]]
+
+
+def flops(case: Case) -> float:
+    per_row = case.D * case.V + (case.D if case.op == "linear_logprobs_and_rewards" else 0)
+    return (2.0 if case.pass_ == "fwd" else 6.0) * case.N * per_row
+
+
+def make_inputs(case: Case, device: str) -> dict:
+    """Deterministic inputs for a case: the same on every worker."""
+    gen = torch.Generator(device="cpu").manual_seed(case.N * 7 + case.V)
+    dtype = harness.DTYPES[case.dtype]
+    hidden = torch.randn(case.N, case.D, generator=gen).to(device=device, dtype=dtype)
+    weight = (torch.randn(case.V, case.D, generator=gen) / case.D**0.5).to(device=device, dtype=dtype)
+    targets = torch.randint(0, case.V, (case.N,), generator=gen).to(device)
+    value_weight = (torch.randn(case.D, generator=gen) / case.D**0.5).to(device=device, dtype=dtype)
+    grad_logp = torch.randn(case.N, generator=gen).to(device)
+    grad_rewards = torch.randn(case.N, generator=gen).to(device)
+    return dict(hidden=hidden, weight=weight, targets=targets, value_weight=value_weight,
+                grad_logp=grad_logp, grad_rewards=grad_rewards)
+
+
+# ------------------------------------------------------------------ log-prob of each impl
+
+
+def eager_logprobs(hidden, weight, targets):
+    logits = (hidden @ weight.T).float()
+    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+
+
+def _peer_logprobs(impl: str, device: str):
+    """``(hidden, weight, targets) -> logp [N]`` for a peer, or raise Skip with the reason."""
+    if impl == "eager":
+        return eager_logprobs
+    if impl == "reference_naive":
+        from icrm_kernels.linear_logprobs.reference import linear_logprobs_reference
+
+        return linear_logprobs_reference
+    if impl == "compile":
+        return harness.compile_fn(eager_logprobs)
+    if impl == "torch_linear_ce":
+        import torch.nn.functional as F
+
+        if not hasattr(F, "linear_cross_entropy"):
+            raise Skip(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy")
+        options = torch.nn.LinearCrossEntropyOptions()
+        return lambda h, w, y: -F.linear_cross_entropy(h, w, y, reduction="none", options=options).float()
+    if impl == "liger":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except Exception as exc:
+            raise Skip(f"liger-kernel not importable: {type(exc).__name__}: {exc}") from None
+        if device != "cuda":
+            raise Skip("liger-kernel's fused linear cross-entropy is Triton-only and needs a GPU "
+                       "(on CPU it fails with 'RuntimeError: 0 active drivers')")
+        loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
+        return lambda h, w, y: -loss(w, h, y).float()
+    if impl == "cce":
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+        except Exception as exc:
+            raise Skip(f"cut-cross-entropy not importable: {type(exc).__name__}: {exc}") from None
+        cce_impl = "cce" if device == "cuda" else "torch_compile"
+        return lambda h, w, y: -linear_cross_entropy(h, w, y, reduction="none", impl=cce_impl).float()
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def build(case: Case, device: str):
+    """The callable one measurement runs: forward (no_grad) or forward + backward."""
+    import icrm_kernels
+
+    x = make_inputs(case, device)
+    with_rewards = case.op == "linear_logprobs_and_rewards"
+    backward = case.pass_ == "fwd+bwd"
+    hidden, weight, targets, value_weight = x["hidden"], x["weight"], x["targets"], x["value_weight"]
+    leaves = [hidden, weight] + ([value_weight] if with_rewards else [])
+    for t in leaves:
+        t.requires_grad_(backward)
+
+    if case.impl in ("triton", "reference"):
+        if with_rewards:
+            def forward():
+                return icrm_kernels.linear_logprobs_and_rewards(hidden, weight, targets, value_weight, backend=case.impl)
+        else:
+            def forward():
+                return icrm_kernels.linear_logprobs(hidden, weight, targets, backend=case.impl), None
+    else:
+        logprobs = _peer_logprobs(case.impl, device)
+
+        def forward():
+            rewards = (hidden @ value_weight).float() if with_rewards else None
+            return logprobs(hidden, weight, targets), rewards
+
+    def run() -> dict:
+        with torch.set_grad_enabled(backward):
+            logp, rewards = forward()
+            out = {"logp": logp.detach()}
+            if rewards is not None:
+                out["rewards"] = rewards.detach()
+            if backward:
+                loss = (logp * x["grad_logp"]).sum()
+                if rewards is not None:
+                    loss = loss + (rewards * x["grad_rewards"]).sum()
+                loss.backward()
+                out["d_hidden"], out["d_weight"] = hidden.grad, weight.grad
+                if with_rewards:
+                    out["d_value_weight"] = value_weight.grad
+        # The gradients live in ``out`` only, so memory measured between calls excludes them.
+        for t in leaves:
+            t.grad = None
+        return out
+
+    return run
+
+
+BENCH = harness.Benchmark(stem="linear_logprobs", script=__file__, build=build, flops=flops,
+                          first_call_is_steady=("reference", "reference_naive", "eager", "torch_linear_ce"))
+
+
+def naive_vs_chunked(rounds: int, kind: str, out: Path) -> None:
+    """The foundation issue's comparison: naive (``eager`` and the library's unchunked
+    ``reference_naive``) vs the chunked ``reference`` at N=8192, D=512, V=32000, fp32, fwd+bwd,
+    in alternating rounds (fresh workers each) so that load from other jobs on a shared CPU
+    hits all alike. One row per round and implementation."""
+    rows, notes = [], None
+    for i in range(rounds):
+        got_rows, got_notes = harness.run_cases(
+            BENCH, [Case("linear_logprobs", impl, "fwd+bwd", 8192, 512, 32000, "fp32") for impl in ("reference", "eager", "reference_naive")],
+            kind, budget_s=0.0, max_reps=1)
+        rows += got_rows
+        if notes is None:
+            notes = got_notes
+        else:
+            notes["cases"] += got_notes["cases"]
+            notes["skipped"] += got_notes["skipped"]
+        print(f"[naive_vs_chunked] round {i + 1}/{rounds} done", flush=True)
+    notes.update(mode=f"naive_vs_chunked x{rounds}", rounds=rounds)
+    harness.write_results("linear_logprobs_naive_vs_chunked", kind, rows, notes, out)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if harness.worker_main(BENCH, argv):
+        return 0
+    parser = harness.common_args(__doc__.splitlines()[0])
+    parser.add_argument("--naive-vs-chunked", type=int, default=0, metavar="ROUNDS",
+                        help="only run naive (eager, reference_naive) vs chunked reference at N=8192, D=512, "
+                             "V=32000 fp32 fwd+bwd, alternating, ROUNDS times")
+    parser.add_argument("--ops", default=",".join(OPS), help="comma-separated ops (split a long GPU sweep)")
+    parser.add_argument("--n", default=None, help="comma-separated N values to keep from the mode's shapes")
+    args = parser.parse_args(argv)
+    kind = harness.device_kind()
+    if args.naive_vs_chunked:
+        naive_vs_chunked(args.naive_vs_chunked, kind, Path(args.out))
+        return 0
+    mode = "tiny" if args.tiny else "quick" if args.quick else kind
+    impls = IMPLS if args.impls is None else tuple(args.impls.split(","))
+    ops = args.ops.split(",")
+    sizes = None if args.n is None else {int(n) for n in args.n.split(",")}
+    cases = [Case(op, impl, p, n, d, v, dt) for (op, n, d, v, dt) in shapes(mode) for p in PASSES for impl in impls
+             if op in ops and (sizes is None or n in sizes)]
+    budget = args.budget_s if args.budget_s is not None else {"tiny": 0.02, "quick": 1.5}.get(mode, 10.0)
+    rows, notes = harness.run_cases(BENCH, cases, kind, budget_s=budget, max_reps=5 if mode != "tiny" else 2)
+    notes["mode"] = mode
+    harness.write_results("linear_logprobs", kind, rows, notes, Path(args.out), append=args.append)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

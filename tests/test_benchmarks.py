@@ -1,0 +1,116 @@
+"""Each benchmark script still runs (tiny shapes, seconds): CSV columns, rows, notes, plots, report.
+
+Benchmarks are not tests: nothing here looks at a timing. The ``torch.compile``-based
+implementations (``compile``, ``cce`` on CPU) are left out to keep this under a minute;
+the benchmark runs themselves cover them.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+COLUMNS = ["op", "impl", "pass", "N", "D", "V", "dtype", "ms", "ms_p20", "ms_p80", "peak_mb", "tflops",
+           "gemm_frac", "device", "torch", "triton", "commit"]
+
+
+def run(script, *args, out):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # The workers pick their backend themselves; the interpreter is for kernel tests only.
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def read(path):
+    with path.open() as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames == COLUMNS
+        return list(reader)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    kind = "cuda" if _has_cuda() else "cpu"
+    logs = {
+        "linear_logprobs": run("bench_linear_logprobs.py", "--tiny", "--impls",
+                               "reference,eager,torch_linear_ce,triton", out=out),
+        "consistency": run("bench_consistency.py", "--tiny", "--impls", "reference,triton", out=out),
+        "train_step": run("bench_train_step.py", "--tiny", "--no-max-t", out=out),
+    }
+    return out, kind, logs
+
+
+def _has_cuda():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_linear_logprobs_rows_and_skips(results):
+    out, kind, logs = results
+    rows = read(out / f"linear_logprobs_{kind}.csv")
+    timed = {(r["op"], r["impl"], r["pass"]) for r in rows if r["ms"] not in ("", "OOM")}
+    for op in ("linear_logprobs", "linear_logprobs_and_rewards"):
+        for p in ("fwd", "fwd+bwd"):
+            assert {(op, "reference", p), (op, "eager", p), (op, "torch_linear_ce", p)} <= timed
+    assert all(float(r["peak_mb"]) >= -1 for r in rows if r["peak_mb"])
+    notes = json.loads((out / f"linear_logprobs_{kind}.notes.json").read_text())
+    if kind == "cpu":
+        skipped = {s["label"].split()[1] for s in notes["skipped"]}
+        assert "triton" in skipped or "triton" in {r["impl"] for r in rows}
+        assert "SKIPPED" in logs["linear_logprobs"]
+
+
+def test_consistency_rows(results):
+    out, kind, _ = results
+    rows = read(out / f"consistency_{kind}.csv")
+    ops = {r["op"] for r in rows if r["impl"] == "reference" and r["ms"]}
+    assert ops == {"consistency_loss_padded", "consistency_loss_packed"}
+    assert json.loads((out / f"consistency_{kind}.notes.json").read_text())["copy_gbps"] > 0
+
+
+def test_train_step_rows(results):
+    out, kind, _ = results
+    rows = read(out / f"train_step_{kind}.csv")
+    assert {r["impl"] for r in rows if r["ms"] not in ("", "OOM")} == {"ours", "eager"}
+
+
+@pytest.mark.parametrize("threshold, t_max, expected", [
+    (5000, 16384, (4864, False)),   # doubling to 8192 fails, bisection lands on the last fitting multiple
+    (100, 16384, (0, False)),       # nothing fits
+    (10**9, 4096, (4096, True)),    # everything fits up to the search cap
+    (1024, 16384, (1024, False)),
+])
+def test_longest_fitting_search(threshold, t_max, expected):
+    sys.path.insert(0, str(BENCH))
+    from bench_train_step import longest
+
+    probes = []
+
+    def fits_at(length):
+        probes.append(length)
+        return length <= threshold
+
+    assert longest(fits_at, t_max) == expected
+    assert all(p % 256 == 0 and p <= t_max for p in probes)
+
+
+def test_plot_and_report(results):
+    out, _, _ = results
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    csvs = [str(p) for p in sorted(out.glob("*.csv"))]
+    subprocess.run([sys.executable, str(BENCH / "plot.py"), *csvs], check=True, env=env, capture_output=True)
+    assert list(out.glob("*.png"))
+    subprocess.run([sys.executable, str(BENCH / "report.py"), str(out)], check=True, env=env, capture_output=True)
+    text = (out / "README.md").read_text()
+    assert "linear_logprobs" in text and "train_step" in text and "consistency_loss_packed" in text
