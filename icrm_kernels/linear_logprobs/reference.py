@@ -67,6 +67,18 @@ def rewards_reference(
     return rewards
 
 
+def _chunk_logits(h, weight_acc, bias_acc, temperature: float, softcap: float | None, keep_tanh: bool = False):
+    """Logits of one chunk of rows without autograd, computed in place: ``(z, tanh)``, where
+    ``tanh`` is ``tanh(x / softcap)``, kept (a second buffer) only for the backward chain."""
+    x = h @ weight_acc.T if bias_acc is None else torch.addmm(bias_acc, h, weight_acc.T)
+    if softcap is None:
+        return (x.div_(temperature) if temperature != 1.0 else x), None
+    tanh = x.div_(softcap).tanh_()
+    if not keep_tanh:
+        return tanh.mul_(softcap / temperature), None
+    return tanh * (softcap / temperature), tanh
+
+
 class _ChunkedLinearLogprobs(torch.autograd.Function):
     """Row-chunked log-prob gather; saves only ``lse [N]`` and recomputes logits in backward."""
 
@@ -82,9 +94,12 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         logp = torch.empty(n, dtype=acc, device=hidden.device)
         for start in range(0, n, chunk_rows):
             rows = slice(start, min(n, start + chunk_rows))
-            z = _logits(hidden[rows], weight_acc, bias_acc, temperature, softcap)
-            lse[rows] = torch.logsumexp(z, dim=1)
-            logp[rows] = z.gather(1, safe_targets[rows, None]).squeeze(1) - lse[rows]
+            z, _ = _chunk_logits(hidden[rows].to(acc), weight_acc, bias_acc, temperature, softcap)
+            target_logit = z.gather(1, safe_targets[rows, None]).squeeze(1)
+            # logsumexp in place: one [chunk, V] buffer in all.
+            row_max = z.amax(dim=1)
+            lse[rows] = z.sub_(row_max[:, None]).exp_().sum(dim=1).log_().add_(row_max)
+            logp[rows] = target_logit - lse[rows]
             del z
         logp = torch.where(valid, logp, torch.zeros_like(logp))
         ctx.save_for_backward(hidden, weight, bias, safe_targets, valid, lse)
@@ -109,18 +124,11 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
             rows = slice(start, min(n, start + ctx.chunk_rows))
             g = grad[rows, None]
             h = hidden[rows].to(acc)
-            x = h @ weight_acc.T
-            if bias_acc is not None:
-                x += bias_acc
-            if softcap is not None:
-                tanh = x.div_(softcap).tanh_()
-                z = tanh * (softcap / temperature)
-            else:
-                z = x.div_(temperature)
+            z, tanh = _chunk_logits(h, weight_acc, bias_acc, temperature, softcap, keep_tanh=True)
             # dz_j = g * (1[j = y] - softmax_j); chained through 1/temperature and softcap.
             dz = z.sub_(lse[rows, None]).exp_().mul_(-g)
             dz.scatter_add_(1, safe_targets[rows, None], g)
-            dx = dz.div_(temperature)
+            dx = dz.div_(temperature) if temperature != 1.0 else dz
             if softcap is not None:
                 dx.mul_(tanh.square_().neg_().add_(1.0))
             if need_hidden:
@@ -129,7 +137,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
                 d_weight.addmm_(dx.T, h)
             if need_bias:
                 d_bias += dx.sum(0)
-            del x, z, dz, dx
+            del z, tanh, dz, dx
         return (
             d_hidden,
             None if d_weight is None else d_weight.to(weight.dtype),
