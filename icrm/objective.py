@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from icrm_kernels import consistency_loss
+from icrm_kernels.consistency.reference import segment_ids
 
 IGNORE_INDEX = -100
 #: EMA of the consistency normalizer: ``S <- EMA_DECAY * S + (1 - EMA_DECAY) * omega``.
@@ -34,12 +35,6 @@ class ICRMLoss:
     smooth_weight: float
     #: ``R [2B]``: each row's reward at its last label token (chosen rows first).
     sequence_rewards: torch.Tensor | None = None
-
-
-def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """``[N]`` index of the row/segment each packed position belongs to."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths, output_size=total)
 
 
 def packed_loss_mask(labels: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:

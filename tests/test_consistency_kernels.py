@@ -2,9 +2,6 @@
 three-way rule, padded and packed, every kind and reduction (``interpret``: CPU under
 TRITON_INTERPRET=1; ``cuda``: realistic shapes and bf16)."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -227,20 +224,3 @@ def test_cuda_deterministic():
     first = run(tensors, torch.float32, "triton", kind="log", cu_seqlens=cu)
     second = run(tensors, torch.float32, "triton", kind="log", cu_seqlens=cu)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
-
-
-# --------------------------------------------------------------------------- GPU compile, no GPU
-
-
-@pytest.mark.slow
-def test_kernels_compile_for_sm90_and_sm80():
-    """Every launch the launchers make compiles for sm_90 and sm_80 (tests/gpu_compile.py)."""
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("this triton install has no bundled ptxas")
-    script = os.path.join(os.path.dirname(__file__), "gpu_compile.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, script, "consistency"], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

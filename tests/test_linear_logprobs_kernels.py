@@ -3,9 +3,6 @@ float64 gold with the three-way rule (``interpret``: CPU under TRITON_INTERPRET=
 ``cuda``: realistic shapes, bf16, and the N*V > 2^31 memory check)."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -368,20 +365,3 @@ def test_cuda_no_nv_buffer_when_nv_exceeds_int32():
         del h, w, lp
     for name, k, e, gd in zip(("logp", "d_hidden", "d_weight"), kern, eager, gold):
         assert_three_way(k, e, gd, torch.float32, name)
-
-
-# --------------------------------------------------------------------------- GPU compile, no GPU
-
-
-@pytest.mark.slow
-def test_kernels_compile_for_sm90_and_sm80():
-    """Every launch the launchers make compiles for sm_90 and sm_80 (tests/gpu_compile.py)."""
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("this triton install has no bundled ptxas")
-    script = os.path.join(os.path.dirname(__file__), "gpu_compile.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, script, "linear_logprobs"], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
