@@ -1,23 +1,30 @@
-"""One full ICRM training step: our fused ops vs an authors-style eager step.
+"""One full ICRM training step: the trainer's step (our fused ops) vs an authors-style eager step.
 
-Both steps train a random-init reward model (HF ``LlamaForCausalLM`` + a ``Linear(D, 1)``
-value head) next to a frozen random-init generator of the same config, on ``B`` preference
-pairs (``2B`` rows of ``T`` tokens, the first quarter of each row is prompt). One step:
-generator forward under ``no_grad`` -> pair weights ``2 exp(g_t)``; RM forward ->
-per-token log-probs (SFT term on chosen rows) and rewards; ``L = L_sft + 0.1 L_align +
-0.9 L_bt`` (ICRM_SPEC.md; ``L_align = L_cons / S`` with the EMA normalizer held at its
-initial 0.5); backward; AdamW step.
+Both steps train a random-init reward model (an HF ``LlamaForCausalLM``'s decoder, a value head
+``score: Linear(D, 1)`` and a trainable copy of the LM head: ``icrm.model.RewardModel``) next to
+a frozen random-init generator of the same config (``icrm.model.Generator``), on ``B``
+preference pairs (``2B`` rows of ``T`` tokens, the first quarter of each row is prompt). One
+step: generator forward under ``no_grad`` -> pair weights ``2 exp(g_t)``; RM forward ->
+per-token log-probs (SFT term on chosen rows) and rewards; ``L = L_sft + 0.1 L_align + 0.9 L_bt``
+(ICRM_SPEC.md; ``L_align = L_cons / S'`` with the EMA ``S' = 0.95 S + 0.05 omega``, ``S`` starting
+at 0.5; the SFT gradient reaching the backbone scaled by 1e-3); backward; gradient clipping at
+1.0; AdamW step.
 
-* ``ours``: backbones give hidden states, ``linear_logprobs_and_rewards`` for the RM and
-  ``linear_logprobs`` for the generator (never the ``[T, V]`` logits), ``consistency_loss``.
-* ``eager``: the authors' way: each model's full logits (``lm_head`` on every position),
-  ``log_softmax(logits.float())`` + ``gather``, value head on the hidden states, and the
-  plain-PyTorch consistency loss.
+* ``ours``: the trainer's own step. ``icrm.train.RewardTrainer.training_step`` (its loop body:
+  ``RewardModel`` -> ``linear_logprobs_and_rewards``, ``Generator`` -> ``linear_logprobs``, never
+  the ``[T, V]`` logits; ``icrm.objective.icrm_loss`` with ``consistency_loss`` backend ``auto``;
+  backward), then the trainer's optimizer step (clipping + AdamW + scheduler).
+* ``eager``: the authors' way, transcribed here independently of ``icrm/``: each model's full
+  logits (its LM head on every position of every row), ``log_softmax(logits.float())`` +
+  ``gather``, the value head on the hidden states, the loss written out below with the
+  plain-PyTorch consistency loss, ``clip_grad_norm_`` and ``torch.optim.AdamW``. It uses the
+  trainer's modules only as weight containers (same init, same parameters).
 
-The two share the loss code below and are checked against each other (losses and the LM
-head / value head gradients of the first step) before timing. The SFT gradient scale of
-the spec (1e-3 on the backbone) is left out: it does not change the cost.
-Until the trainer (``icrm/``) lands, this builds the step from the public ops.
+The two are checked against each other before timing: the loss and its parts, ``omega``, and
+the gradients of the LM-head copy, the value head and the input embeddings after the first
+step's backward (as the optimizer step sees them, i.e. after clipping in both).
+On GPU both run with the weights in bf16 and no autocast (the trainer's ``bf16`` flag would
+add fp32 master weights under autocast; it is left off so the two steps hold the same weights).
 
 Rows: ``op=train_step``, ``pass=fwd+bwd`` (incl. the optimizer step), ``N`` = tokens per
 step (2B x T), ``D`` = hidden size, ``V`` = vocabulary. Tokens/s = N / ms. The longest
@@ -26,13 +33,14 @@ out-of-memory, on CPU under a stated cap on the worker's peak RSS (``--cap-mb``)
 
 Usage::
 
-    python benchmarks/bench_train_step.py --quick   # CPU, tiny Llama config
+    python benchmarks/bench_train_step.py --quick   # CPU, small Llama config
     python benchmarks/bench_train_step.py           # GPU, ~1.1B Llama-style config, bf16
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -47,9 +55,24 @@ from harness import Case  # noqa: E402
 
 IMPLS = ("ours", "eager")
 IGNORE = -100
+# The hyper-parameters both steps use (the trainer's defaults, except the learning rate).
+LEARNING_RATE = 1e-5
 REG_RATIO = 0.1
 WEIGHT_SCALE = 2.0
 EMA_START = 0.5
+EMA_DECAY = 0.95
+MEAN_EPS = 1e-6
+SFT_GRAD_SCALE = 1e-3
+MAX_GRAD_NORM = 1.0
+IMPL_NOTES = {
+    "ours": "the trainer's step: `icrm.train.RewardTrainer.training_step` (RewardModel + Generator on the fused "
+            "`linear_logprobs(_and_rewards)`, no `[T, V]` logits; `icrm.objective.icrm_loss`; backward) + its "
+            "optimizer step (clipping, AdamW)",
+    "eager": "authors-style, transcribed in the bench: full logits of both LM heads, `log_softmax` + `gather`, "
+             "plain-PyTorch consistency loss; checked against `ours` (loss parts, omega, LM-head / value-head / "
+             "embedding gradients) before timing",
+}
+LOSS_KEYS = ("loss", "sft_loss", "align_loss", "bt_loss", "omega")
 CONFIGS = {
     # The LM head dominates here, as it does in the paper's gemma-2b (V=256k, D=2048).
     "tiny": dict(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -63,6 +86,7 @@ CONFIGS = {
 
 
 def param_count(config: str) -> int:
+    """Parameters of the reward model (decoder + LM-head copy + value head); the generator has as many."""
     c = CONFIGS[config]
     d, v, f, L = c["hidden_size"], c["vocab_size"], c["intermediate_size"], c["num_hidden_layers"]
     kv = d * c["num_key_value_heads"] // c["num_attention_heads"]
@@ -70,21 +94,25 @@ def param_count(config: str) -> int:
 
 
 def make_models(case: Case, device: str):
+    """``(RewardModel, Generator)`` of the trainer, random init (seeded: both impls get the same weights)."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from icrm.model import Generator, RewardModel
 
     dtype = harness.DTYPES[case.dtype]
     config = LlamaConfig(**CONFIGS[case.extra["config"]], max_position_embeddings=max(case.extra["T"], 2048),
                          tie_word_embeddings=False, attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device(device):  # initialise in place: a 1B model built on CPU first takes long
-        rm = LlamaForCausalLM(config).to(dtype=dtype)
-        value_head = torch.nn.Linear(config.hidden_size, 1).to(dtype=dtype)
-        generator = LlamaForCausalLM(config).to(dtype=dtype).eval().requires_grad_(False)
-    return rm, value_head, generator
+        rm = RewardModel(LlamaForCausalLM(config), sft_grad_scale=SFT_GRAD_SCALE, backend="auto").to(dtype=dtype)
+        generator = Generator(LlamaForCausalLM(config), backend="auto").to(dtype=dtype)
+    return rm, generator
 
 
 def make_batch(case: Case, device: str):
-    """``2B`` rows (chosen 0..B-1, rejected B..2B-1) of T tokens, the first T/4 are prompt."""
+    """``2B`` rows (chosen 0..B-1, rejected B..2B-1) of T tokens, the first T/4 are prompt.
+
+    Every row has the full length, so there is no padding and no attention mask."""
     pairs, length = case.extra["pairs"], case.extra["T"]
     gen = torch.Generator().manual_seed(length)
     vocab = CONFIGS[case.extra["config"]]["vocab_size"]
@@ -94,11 +122,48 @@ def make_batch(case: Case, device: str):
     return input_ids.to(device), labels.to(device)
 
 
-def icrm_loss(logp, rewards, gen_logp, labels, consistency_backend):
+def _grads(rm) -> dict:
+    return {"d_lm_head": rm.lm_head.weight.grad, "d_value_head": rm.score.weight.grad,
+            "d_embed": rm.backbone.get_input_embeddings().weight.grad}
+
+
+# ---------------------------------------------------------------- ours: the trainer's step
+
+def build_ours(case: Case, device: str):
+    from icrm.config import RewardConfig
+    from icrm.model import build_tiny_tokenizer
+    from icrm.train import RewardTrainer
+
+    rm, generator = make_models(case, device)
+    input_ids, labels = make_batch(case, device)
+    args = RewardConfig(learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM, weight_decay=0.0,
+                        lr_scheduler_type="constant", warmup_ratio=0.0, reg_ratio=REG_RATIO,
+                        weight_scale=WEIGHT_SCALE, sft_grad_scale=SFT_GRAD_SCALE, kernels="auto",
+                        cpu_threads=0,  # keep the harness's thread count
+                        eval_file=None, bf16=False)
+    # The tokenizer is only for datasets and saving, neither of which a step touches.
+    trainer = RewardTrainer(model=rm, args=args, processing_class=build_tiny_tokenizer(), generator=generator)
+    trainer._build_optimizer(total_steps=1)
+    trainer.model.train()
+    batch = {"input_ids": input_ids, "labels": labels}
+
+    def step() -> dict:
+        metrics = trainer.training_step(batch)
+        out = {k: torch.tensor([metrics[k]], dtype=torch.float64) for k in LOSS_KEYS}
+        out.update(_grads(trainer.model))
+        trainer._optimizer_step()  # clips the gradients in place, AdamW, scheduler, zero_grad(set_to_none)
+        return out
+
+    return step
+
+
+# ---------------------------------------------------------------- eager: the authors' way
+
+def icrm_loss(logp, rewards, gen_logp, labels, smooth_weight):
     """ICRM total loss from per-token ``logp``, ``rewards``, generator ``gen_logp`` ([2B, T]).
 
-    Position t carries the log-prob of token t+1 (0 where it is ignored).
-    ``consistency_backend``: ours picks ``auto``, the eager step the plain-PyTorch reference.
+    Position t carries the log-prob of token t+1 (0 where it is ignored). Returns
+    ``(total, parts)``; ``parts["smooth_weight"]`` is the updated EMA ``S'`` (a float).
     """
     import icrm_kernels
 
@@ -112,14 +177,21 @@ def icrm_loss(logp, rewards, gen_logp, labels, consistency_backend):
     row_mean = rewards.detach().mean(dim=1)
     baseline = torch.cat([row_mean[pairs:], row_mean[:pairs]])
     sign = torch.cat([torch.ones(pairs), -torch.ones(pairs)]).to(device=labels.device, dtype=torch.int32)
-    l_cons = icrm_kernels.consistency_loss(rewards, pair_weight, pair_mask, baseline, sign, backend=consistency_backend)
+    l_cons = icrm_kernels.consistency_loss(rewards, pair_weight, pair_mask, baseline, sign, backend="reference")
+    # omega: mean over the pairs of the weighted mean preference probability of both tokens.
+    d = torch.sigmoid(sign[:, None].float() * (rewards.detach() - baseline[:, None]))
+    m = pair_mask.float()
+    omega = ((d[:, :-1] + d[:, 1:]) / 2 * pair_weight * m).sum() / (m.sum() + MEAN_EPS)
+    new_smooth = EMA_DECAY * smooth_weight + (1 - EMA_DECAY) * float(omega)
+    l_align = l_cons / (new_smooth + MEAN_EPS)
     last = length - 1 - (labels != IGNORE).flip(1).float().argmax(dim=1)
     final = rewards[torch.arange(rows, device=labels.device), last]
     l_bt = -F.logsigmoid(final[:pairs] - final[pairs:]).mean()
-    m = loss_mask[:pairs].float()
-    l_sft = -((logp[:pairs, :-1] * m).sum(1) / m.sum(1)).mean()
-    total = l_sft + REG_RATIO * l_cons / EMA_START + (1 - REG_RATIO) * l_bt
-    return total, {"l_sft": l_sft, "l_cons": l_cons, "l_bt": l_bt}
+    chosen = loss_mask[:pairs].float()
+    l_sft = -((logp[:pairs, :-1] * chosen).sum(1) / chosen.sum(1)).mean()
+    total = l_sft + REG_RATIO * l_align + (1 - REG_RATIO) * l_bt
+    return total, {"sft_loss": l_sft, "align_loss": l_align, "bt_loss": l_bt, "omega": omega,
+                   "smooth_weight": new_smooth}
 
 
 def _gather_logprobs(logits, targets):
@@ -128,46 +200,42 @@ def _gather_logprobs(logits, targets):
     return torch.where(targets != IGNORE, logp.gather(-1, safe[..., None]).squeeze(-1), 0.0)
 
 
-def build(case: Case, device: str):
-    import icrm_kernels
-
-    rm, value_head, generator = make_models(case, device)
+def build_eager(case: Case, device: str):
+    rm, generator = make_models(case, device)
+    rm.train()
     input_ids, labels = make_batch(case, device)
     targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)  # token t+1 at t
-    params = list(rm.parameters()) + list(value_head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    backend = "auto"
+    params = [p for p in rm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
+    state = {"smooth_weight": EMA_START}
 
-    def forward_ours():
+    def forward():
         with torch.no_grad():
-            gen_hidden = generator.model(input_ids).last_hidden_state
-            gen_logp = icrm_kernels.linear_logprobs(gen_hidden, generator.lm_head.weight, targets, backend=backend)
-        hidden = rm.model(input_ids).last_hidden_state
-        logp, rewards = icrm_kernels.linear_logprobs_and_rewards(
-            hidden, rm.lm_head.weight, targets, value_head.weight, value_bias=value_head.bias, backend=backend)
+            gen_hidden = generator.backbone(input_ids).last_hidden_state
+            gen_logp = _gather_logprobs(generator.lm_head(gen_hidden), targets)  # [2B, T, V] logits
+        hidden = rm.backbone(input_ids).last_hidden_state
+        # The SFT term's gradient reaches the backbone scaled by SFT_GRAD_SCALE; same value.
+        scaled = SFT_GRAD_SCALE * hidden + (1 - SFT_GRAD_SCALE) * hidden.detach()
+        logp = _gather_logprobs(rm.lm_head(scaled), targets)  # [2B, T, V] logits
+        rewards = rm.score(hidden).squeeze(-1).float()
         return logp, rewards, gen_logp
-
-    def forward_eager():
-        with torch.no_grad():
-            gen_logp = _gather_logprobs(generator(input_ids).logits, targets)
-        out = rm(input_ids, output_hidden_states=True)
-        logp = _gather_logprobs(out.logits, targets)
-        rewards = value_head(out.hidden_states[-1]).squeeze(-1).float()
-        return logp, rewards, gen_logp
-
-    forward = {"ours": forward_ours, "eager": forward_eager}[case.impl]
 
     def step() -> dict:
-        total, parts = icrm_loss(*forward(), labels, "auto" if case.impl == "ours" else "reference")
+        total, parts = icrm_loss(*forward(), labels, state["smooth_weight"])
+        state["smooth_weight"] = parts.pop("smooth_weight")
         total.backward()
-        out = {"loss": total.detach().reshape(1), **{k: v.detach().reshape(1) for k, v in parts.items()},
-               "d_lm_head": rm.lm_head.weight.grad, "d_value_head": value_head.weight.grad}
+        out = {"loss": total.detach().reshape(1), **{k: v.detach().reshape(1) for k, v in parts.items()}, **_grads(rm)}
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
         # Gradients live in ``out`` only, so memory measured between steps excludes them.
         optimizer.zero_grad(set_to_none=True)
         return out
 
     return step
+
+
+def build(case: Case, device: str):
+    return {"ours": build_ours, "eager": build_eager}[case.impl](case, device)
 
 
 BENCH = harness.Benchmark(stem="train_step", script=__file__, build=build, oracle="ours", gemm_peak=False)
@@ -242,16 +310,19 @@ def main(argv=None) -> int:
         "cpu": ("small", 2, 1024, "fp32", 32768),
         "cuda": ("1b", 2, 1024, "bf16", 65536),
     }[mode]
+    load_start = os.getloadavg()[0]
     impls = IMPLS if args.impls is None else tuple(args.impls.split(","))
     budget = args.budget_s if args.budget_s is not None else {"tiny": 0.02, "quick": 3.0}.get(mode, 10.0)
     rows, notes = harness.run_cases(BENCH, [make_case(i, config, pairs, length, dtype) for i in impls], kind,
                                     budget_s=budget, max_reps=5)
     notes.update(mode=mode, config=config, config_params=CONFIGS[config], params_per_model=param_count(config),
-                 pairs=pairs, checked_T=length, cap_mb=None if kind == "cuda" else args.cap_mb, max_T=[])
+                 pairs=pairs, checked_T=length, cap_mb=None if kind == "cuda" else args.cap_mb, max_T=[],
+                 impls={k: v for k, v in IMPL_NOTES.items() if k in impls})
     if not args.no_max_t:
         for impl in impls:
             notes["max_T"].append(longest_fitting(impl, config, pairs, dtype, kind, args.cap_mb, t_max, rows, notes))
             print("[train_step] " + json.dumps(notes["max_T"][-1]), flush=True)
+    notes["loadavg"] = {"start": load_start, "end": os.getloadavg()[0]}
     harness.write_results("train_step", kind, rows, notes, Path(args.out), append=args.append)
     return 0
 

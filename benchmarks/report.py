@@ -187,6 +187,14 @@ def train_step_tables(rows, notes) -> list[str]:
     out = [f"Config `{notes.get('config')}` {notes.get('config_params')}: {notes.get('params_per_model', 0) / 1e6:.1f} M "
            f"parameters per model (RM trained + generator frozen), {notes.get('pairs')} pair(s) = "
            f"{2 * (notes.get('pairs') or 0)} rows per step.", ""]
+    for impl, text in (notes.get("impls") or {}).items():
+        out.append(f"- `{impl}`: {text}")
+    if notes.get("impls"):
+        out.append("")
+    if notes.get("loadavg"):
+        load = notes["loadavg"]
+        out += [f"Load average (1 min) of the machine: {load['start']:.1f} at the start of the run, "
+                f"{load['end']:.1f} at its end.", ""]
     # The checked run and the memory probe may measure the same T: one line, medians.
     groups = defaultdict(list)
     for r in rows:

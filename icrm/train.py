@@ -243,12 +243,7 @@ class _Trainer:
                                                  packed=args.padding_free))
             micro += 1
             last_micro = micro % accum == 0
-            sync = contextlib.nullcontext() if last_micro or self.world_size == 1 else self.module.no_sync()
-            with sync:
-                with self.autocast():
-                    loss, metrics = self._loss(batch, training=True)
-                scaled = loss / accum
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            metrics = self.training_step(batch, accum=accum, sync=last_micro)
             self.batch_in_epoch += 1
             tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             tokens_in_window += tokens
@@ -287,6 +282,20 @@ class _Trainer:
         if self.is_main:
             self.plot()
         return result
+
+    def training_step(self, batch: dict, accum: int = 1, sync: bool = True) -> dict[str, float]:
+        """Forward and backward of one micro-batch (on the device): autocast, the loss divided by
+        ``accum`` (and scaled under fp16), DDP gradient sync only when ``sync``. Returns its metrics.
+
+        One optimizer step of the loop is ``accum`` of these, then :meth:`_optimizer_step`.
+        """
+        ctx = contextlib.nullcontext() if sync or self.world_size == 1 else self.module.no_sync()
+        with ctx:
+            with self.autocast():
+                loss, metrics = self._loss(batch, training=True)
+            scaled = loss / accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        return metrics
 
     def _optimizer_step(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
