@@ -34,7 +34,7 @@ out-of-memory, on CPU under a stated cap on the worker's peak RSS (``--cap-mb``)
 Usage::
 
     python benchmarks/bench_train_step.py --quick   # CPU, small Llama config
-    python benchmarks/bench_train_step.py           # GPU, ~1.1B Llama-style config, bf16
+    python benchmarks/bench_train_step.py           # GPU, Llama-3.2-1B-style config (D=2048, V=128256), bf16
 """
 
 from __future__ import annotations
@@ -79,9 +79,9 @@ CONFIGS = {
                  num_attention_heads=2, num_key_value_heads=2),
     "small": dict(vocab_size=32000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=2),
-    # TinyLlama-1.1B shape.
-    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-               num_attention_heads=32, num_key_value_heads=4),
+    # Llama-3.2-1B shape (D=2048, V=128256): the vocabulary the GPU issue asks for.
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8),
 }
 
 

@@ -258,7 +258,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
                   "python benchmarks/bench_linear_logprobs.py --ops linear_logprobs",
                   "python benchmarks/bench_linear_logprobs.py --ops linear_logprobs_and_rewards --append",
                   "python benchmarks/bench_consistency.py",
-                  "python benchmarks/bench_train_step.py      # ~1.1B Llama-style config, bf16",
+                  "python benchmarks/bench_train_step.py      # Llama-3.2-1B-style config (D=2048, V=128256), bf16",
                   "python benchmarks/plot.py && python benchmarks/report.py",
                   "```", ""]
     for path in csvs:
