@@ -114,3 +114,21 @@ def test_plot_and_report(results):
     subprocess.run([sys.executable, str(BENCH / "report.py"), str(out)], check=True, env=env, capture_output=True)
     text = (out / "README.md").read_text()
     assert "linear_logprobs" in text and "train_step" in text and "consistency_loss_packed" in text
+
+
+def test_readme_performance_section(results, tmp_path):
+    """The top README's Performance section is rendered from the CSVs between its markers."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(BENCH))
+    out, _, _ = results
+    section = report.summary(out)
+    assert "## Performance" in section and "`linear_logprobs`" in section and "longest T that fits" in section
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_BEGIN}\nold\n{report.README_END}\noutro\n")
+    assert report.update_readme(readme, section)
+    text = readme.read_text()
+    assert "old" not in text and section in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert (REPO / "README.md").read_text().count(report.README_BEGIN) == 1
