@@ -207,6 +207,18 @@ class _Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def _eval_batches(self, eval_dataset, collate):
+        """``(indices, device batch)`` over this rank's share of ``eval_dataset`` (or the trainer's)."""
+        dataset = _as_dataset(eval_dataset, self.tokenizer, self.args.max_length, "eval") or self.eval_dataset
+        if dataset is None:
+            raise ValueError("no eval_dataset given")
+        pad, packed = self.tokenizer.pad_token_id, self.args.padding_free
+        batches = epoch_batches(len(dataset), self.args.per_device_eval_batch_size, seed=0, epoch=0,
+                                rank=self.rank, world_size=self.world_size, shuffle=False)
+        # Resolved eagerly (a missing dataset raises here, before any mode change); batches lazily.
+        return ((indices, self._to_device(collate([dataset[i] for i in indices], pad, packed=packed)))
+                for indices in batches)
+
     def _reduce_mean(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1 or not metrics:
             return metrics
@@ -513,18 +525,13 @@ class RewardTrainer(_Trainer):
     @torch.no_grad()
     def evaluate(self, eval_dataset=None) -> dict[str, float]:
         """Pairwise accuracy, mean margin, eval loss parts and reward statistics (``eval_`` prefix)."""
-        dataset = _as_dataset(eval_dataset, self.tokenizer, self.args.max_length, "eval") or self.eval_dataset
-        if dataset is None:
-            raise ValueError("no eval_dataset given")
+        batches = self._eval_batches(eval_dataset, collate_pairs)
         was_training = self.model.training
         self.model.eval()
         sums: dict[str, float] = {}
-        seq_rewards, token_sum, token_sq, token_count = [], 0.0, 0.0, 0
-        batches = epoch_batches(len(dataset), self.args.per_device_eval_batch_size, seed=0, epoch=0,
-                                rank=self.rank, world_size=self.world_size, shuffle=False)
-        for indices in batches:
-            batch = self._to_device(collate_pairs([dataset[i] for i in indices], self.tokenizer.pad_token_id,
-                                                  packed=self.args.padding_free))
+        token_sum, token_sq, token_count, count = 0.0, 0.0, 0, 0
+        for indices, batch in batches:
+            count += len(indices)
             with self.autocast():
                 _, rewards, metrics = self._forward(batch, training=False)
             on_response = batch["labels"] != IGNORE_INDEX
@@ -533,7 +540,6 @@ class RewardTrainer(_Trainer):
             token_count += int(on_response.sum())
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * len(indices)
-        count = sum(len(b) for b in batches)
         result = {f"eval_{k}": v / count for k, v in sums.items() if k not in ("smooth_weight", "min_reward", "max_reward")}
         mean_tok = token_sum / max(1, token_count)
         result["eval_token_reward_mean"] = mean_tok
@@ -633,15 +639,10 @@ class SFTTrainer(_Trainer):
     @torch.no_grad()
     def evaluate(self, eval_dataset=None) -> dict[str, float]:
         """Mean token NLL of the chosen responses (``eval_loss``)."""
-        dataset = _as_dataset(eval_dataset, self.tokenizer, self.args.max_length, "eval") or self.eval_dataset
-        if dataset is None:
-            raise ValueError("no eval_dataset given")
+        batches = self._eval_batches(eval_dataset, collate_sft)
         self.model.eval()
         nll, count = 0.0, 0.0
-        for indices in epoch_batches(len(dataset), self.args.per_device_eval_batch_size, seed=0, epoch=0,
-                                     rank=self.rank, world_size=self.world_size, shuffle=False):
-            batch = self._to_device(collate_sft([dataset[i] for i in indices], self.tokenizer.pad_token_id,
-                                                packed=self.args.padding_free))
+        for _, batch in batches:
             with self.autocast():
                 logp, mask = self._token_logprobs(self.model, batch)
             nll, count = nll - float((logp * mask).sum()), count + float(mask.sum())
