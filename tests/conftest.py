@@ -43,6 +43,16 @@ def assert_three_way(kern, eager, gold, dtype, name=""):
     assert err <= bound, f"{name}: max|kern-gold| = {err:.3g} > 2*max|eager-gold| + atol = {bound:.3g} ({dtype})"
 
 
+def poison_allocations(monkeypatch, kernels_module):
+    """Make ``kernels_module._empty`` (the launchers' output allocator) return NaN-filled
+    buffers, so a tile the kernels forget to write shows up as NaN."""
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(kernels_module, "_empty", nan_empty)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_interp = pytest.mark.skip(

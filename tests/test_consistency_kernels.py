@@ -5,7 +5,7 @@ TRITON_INTERPRET=1; ``cuda``: realistic shapes and bf16)."""
 
 import pytest
 import torch
-from conftest import assert_three_way
+from conftest import assert_three_way, poison_allocations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -164,10 +164,7 @@ def test_non_contiguous_inputs():
 
 @pytest.mark.interpret
 def test_outputs_poisoned_with_nan(monkeypatch):
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(kernels, "_empty", nan_empty)
+    poison_allocations(monkeypatch, kernels)
     tensors, cu = make_packed(LENGTHS, torch.float32, seed=3)
     for reduction in REDUCTIONS:
         check_three_way(tensors, torch.float32, kind="log", reduction=reduction, cu_seqlens=cu)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_three_way
+from conftest import assert_three_way, poison_allocations
 
 import icrm_kernels as ik
 from icrm_kernels import _dispatch
@@ -202,11 +202,7 @@ def test_only_one_output_used():
 @pytest.mark.interpret
 def test_outputs_poisoned_with_nan(monkeypatch):
     """Every buffer the kernels overwrite starts as NaN: an unwritten tile would show."""
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(kernels, "_empty", nan_empty)
+    poison_allocations(monkeypatch, kernels)
     inputs, targets = make_inputs(35, 40, 99, torch.float32, ignore=(0, 34))
     check_three_way(inputs, targets, torch.float32, softcap=6.0)
     with torch.no_grad():
