@@ -6,7 +6,7 @@ a frozen random-init generator of the same config (``icrm.model.Generator``), on
 preference pairs (``2B`` rows of ``T`` tokens, the first quarter of each row is prompt). One
 step: generator forward under ``no_grad`` -> pair weights ``2 exp(g_t)``; RM forward ->
 per-token log-probs (SFT term on chosen rows) and rewards; ``L = L_sft + 0.1 L_align + 0.9 L_bt``
-(ICRM_SPEC.md; ``L_align = L_cons / S'`` with the EMA ``S' = 0.95 S + 0.05 omega``, ``S`` starting
+(docs/math.md; ``L_align = L_cons / S'`` with the EMA ``S' = 0.95 S + 0.05 omega``, ``S`` starting
 at 0.5; the SFT gradient reaching the backbone scaled by 1e-3); backward; gradient clipping at
 1.0; AdamW step.
 

@@ -1,4 +1,4 @@
-"""The ICRM objective (ICRM_SPEC.md, the authors' ``pair_taorm`` stage) on per-token tensors.
+"""The ICRM objective (docs/math.md, the authors' ``pair_taorm`` stage) on per-token tensors.
 
 ``L = L_sft + reg_ratio * L_align + (1 - reg_ratio) * L_bt``. ``reg_ratio=0`` is GRM
 (Bradley-Terry + the SFT regularizer); ``reg_ratio=0`` with ``sft_logprobs=None`` is plain
@@ -112,7 +112,7 @@ def icrm_loss(
             chosen rows are used. None: no SFT term.
         smooth_weight: the EMA ``S`` before this step (0.5 at the start of training).
         training: update ``S' = 0.95 S + 0.05 omega`` and divide by ``S'``; else divide by ``S``.
-        reg_ratio, weight_scale, kind, baseline, eps: ICRM_SPEC.md.
+        reg_ratio, weight_scale, kind, baseline, eps: docs/math.md.
         margin: optional ``[B]`` TRL margin: ``L_bt = mean -logsigmoid(R_c - R_r - margin)``.
         center_rewards_coefficient: optional TRL term ``coef * mean((R_c + R_r)^2)``, added to ``loss``.
         cu_seqlens: packed (padding-free) form: ``[2B + 1]`` segment offsets, chosen segments

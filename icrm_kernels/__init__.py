@@ -1,6 +1,6 @@
 """icrm_kernels: fused, memory-bounded ops for ICRM reward-model training.
 
-Public API (see README.md and ICRM_SPEC.md for the math)::
+Public API (see README.md and docs/math.md for the math)::
 
     linear_logprobs(hidden, weight, targets, *, bias, temperature, softcap, ignore_index, backend)
     linear_logprobs_and_rewards(hidden, weight, targets, value_weight, *, bias, value_bias, ...)

@@ -1,4 +1,4 @@
-"""Reference consistency loss: an independent loop transcription of ICRM_SPEC.md (values and
+"""Reference consistency loss: an independent loop transcription of docs/math.md (values and
 hand-derived gradients, which pins the stop-gradient rules), gradcheck, packed == padded,
 reductions, dispatch and bad input."""
 

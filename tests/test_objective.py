@@ -1,4 +1,4 @@
-"""icrm.objective.icrm_loss against an independent, loop-by-loop transcription of ICRM_SPEC.md."""
+"""icrm.objective.icrm_loss against an independent, loop-by-loop transcription of docs/math.md."""
 
 import math
 
@@ -12,7 +12,7 @@ IGNORE = -100
 
 
 def spec_loss(rewards, labels, gen_lp, sft_lp, *, smooth_weight, training, reg_ratio, weight_scale, kind, baseline, eps):
-    """ICRM_SPEC.md read literally, one row and one position at a time (float64)."""
+    """docs/math.md read literally, one row and one position at a time (float64)."""
     rows, length = rewards.shape
     pairs = rows // 2
     last = [max(t for t in range(length) if labels[s, t] != IGNORE) for s in range(rows)]

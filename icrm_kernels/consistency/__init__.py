@@ -71,7 +71,7 @@ def consistency_loss(
     and entry i is the pair (i, i+1); a pair leaving its segment never counts.
 
     ``weights`` and ``baseline`` are treated as constants (detached). ``mask`` may be bool or
-    numeric. ``kind``: ``log | log_nosg | product | squared`` (ICRM_SPEC.md).
+    numeric. ``kind``: ``log | log_nosg | product | squared`` (docs/math.md).
     ``reduction``: ``mean`` = ``sum(w*m*l) / (sum(m) + 1e-6)``, ``sum``, or ``none`` (the
     per-pair ``w*m*l``, shaped like ``weights``). Returns float32 (float64 for float64 input);
     the gradient reaches ``rewards`` only.

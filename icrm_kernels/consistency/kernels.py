@@ -1,6 +1,6 @@
 """Triton kernels for op (3), the ICRM consistency loss, padded or packed (``cu_seqlens``).
 
-Math (ICRM_SPEC.md), per row/segment s with sign ``sigma`` and detached baseline ``b``::
+Math (docs/math.md), per row/segment s with sign ``sigma`` and detached baseline ``b``::
 
     d_t = sigmoid(sigma * (r_t - b))
     log:      l_t = -(log(d_t + eps) * sg(d_{t+1}) + sg(d_t) * log(d_{t+1} + eps)) / 2

@@ -1,4 +1,4 @@
-"""Plain-PyTorch ICRM consistency loss (ICRM_SPEC.md, op 3): the test oracle and the CPU path.
+"""Plain-PyTorch ICRM consistency loss (docs/math.md, op 3): the test oracle and the CPU path.
 
 For a row with sign ``s`` (+1 chosen, -1 rejected) and detached baseline ``b``:
 ``d_t = sigmoid(s * (r_t - b))`` and, per adjacent pair ``(t, t+1)``,

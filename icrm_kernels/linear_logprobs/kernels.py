@@ -1,6 +1,6 @@
 """Triton kernels for op (2), the linear log-prob gather, with op (1), the reward head, fused in.
 
-Math (ICRM_SPEC.md)::
+Math (docs/math.md)::
 
     x = hidden @ weight.T + bias                      [N, V], never stored
     z = softcap * tanh(x / softcap) / temperature     (softcap optional)

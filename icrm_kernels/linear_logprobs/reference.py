@@ -1,6 +1,6 @@
 """Plain-PyTorch linear log-prob gather and reward head: the test oracle and the CPU path.
 
-Math (ICRM_SPEC.md, op 2): ``x = hidden @ weight.T + bias``, ``z = softcap(x) / temperature``
+Math (docs/math.md, op 2): ``x = hidden @ weight.T + bias``, ``z = softcap(x) / temperature``
 with ``softcap(x) = c * tanh(x / c)``, ``logp = z[target] - logsumexp(z)``; rows whose
 target is ``ignore_index`` give 0 and no gradient. Op 1: ``reward = hidden @ value_weight + value_bias``.
 
