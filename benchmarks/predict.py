@@ -773,7 +773,7 @@ def notes(arch: str) -> dict:
                          "dram_tbps": hw.dram_tbps, "l2_tbps": hw.l2_tbps},
             "calibration": CALIBRATION,
             "calibration_point": {"N": n, "D": d, "V": v, "dtype": dtype, "arch": cal_arch, "fwd+bwd ms": targets,
-                                  "source": "huggingface/trl PR #6858 (H100)"},
+                                  "source": "huggingface/trl PR #6858"},
             "launch_us": LAUNCH_US}
 
 

@@ -337,7 +337,10 @@ def predicted_section(results_dir: Path) -> list[str]:
         if not rows:
             continue
         arch = path.stem[len(PREDICTED_PREFIX):]
-        lines += [f"## `linear_logprobs` on {arch}: PREDICTED, NOT MEASURED", "", _predicted_intro(notes), ""]
+        shapes = ";".join(dict.fromkeys(f"{r['N']},{r['D']},{r['V']}" for r in rows))
+        lines += [f"## `linear_logprobs` on {arch}: PREDICTED, NOT MEASURED", "", _predicted_intro(notes), "",
+                  f"Written by `python benchmarks/predict.py --shape '{shapes}' --dtype {rows[0]['dtype']} --arch {arch} "
+                  f"--format csv --out benchmarks/results/{path.name}` (about a minute).", ""]
         lines += _table(_PREDICTED_HEADER, _predicted_rows(rows))
     return lines
 
@@ -399,8 +402,20 @@ def summary(results_dir: Path = RESULTS_DIR) -> str:
         lines += [f"**`linear_logprobs` on {path.stem[len(PREDICTED_PREFIX):]}: PREDICTED, NOT MEASURED** "
                   f"(`benchmarks/predict.py`; all shapes and the model's assumptions in the results README)", "",
                   _predicted_intro(notes), ""]
-        lines += _table(_PREDICTED_HEADER, _predicted_rows(sel))
+        lines += _table(_PREDICTED_HEADER, _predicted_rows(sel)) + _predicted_verdict(sel)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _predicted_verdict(rows) -> list[str]:
+    """Ours against CCE at one shape, in words (both numbers from the same model)."""
+    ms = {(r["impl"], r["pass"]): float(r["pred_ms"]) for r in rows}
+    parts = []
+    for pass_ in ("fwd", "fwd+bwd"):
+        ours, cce = ms.get(("triton", pass_)), ms.get(("cce", pass_))
+        if ours and cce:
+            parts.append(f"{pass_} {ours:.4g} ms vs {cce:.4g} ms ({ours / cce - 1:+.1%}, "
+                         f"{'at or below' if ours <= cce else 'ABOVE'} CCE's)")
+    return [f"Under this model, ours against CCE at this shape: {'; '.join(parts)}.", ""] if parts else []
 
 
 def update_readme(readme: Path, section: str) -> bool:

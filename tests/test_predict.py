@@ -154,3 +154,15 @@ def test_bad_arguments_name_the_argument(argv, name, capsys):
         predict.main(argv + ["--shape", "64,64,64"] if argv[0] != "--shape" else argv)
     assert exc.value.code == 2
     assert name in capsys.readouterr().err
+
+
+def test_report_renders_predictions_apart_and_labelled(tmp_path, capsys):
+    import report
+
+    predict.main(["--shape", "1024,256,4096", "--format", "csv", "--out", str(tmp_path / "predicted_sm_90.csv")])
+    capsys.readouterr()
+    assert report.measured_csvs(tmp_path) == []
+    for text in (report.render(tmp_path), report.summary(tmp_path)):
+        assert "PREDICTED, NOT MEASURED" in text and "fitted to CCE's 92.6 ms" in text
+        assert "| 1024 | 256 | 4096 | bf16 | fwd+bwd | triton |" in text
+    assert "Under this model, ours against CCE" in report.summary(tmp_path)
