@@ -46,7 +46,13 @@ The model
   a fixed pseudo-random pattern, ``live_tile``); Liger does not filter (``6NDV``). The default
   ``f = 0.2`` is CCE's own assumption in its backward cost model (``_bw_total_ops_fn`` in its
   ``tl_autotune.py``). Vectors of N or V elements (lse, targets, flags) are left out of DRAM
-  traffic (well under 1%).
+  traffic (well under 1%); our forward's ``[splits, N]`` partials are counted.
+
+Columns: ``flops_t`` (TFLOP), ``dram_gb`` (simulated DRAM reads + write-backs, GB = 1e9 bytes),
+``atomic_gb`` (bytes of atomic / lock-protected read-modify-writes, which go to L2),
+``extra_mb`` (peak bytes beyond inputs and gradients, MiB), ``inputs_grads_mb`` (hidden and
+weight, and for ``fwd+bwd`` their gradients, MiB), ``pred_ms``, ``bound`` (the term that
+dominates the predicted time), ``live_frac``.
 
 What each implementation does, as modelled
 ------------------------------------------
@@ -79,9 +85,20 @@ N=16384, D=2048, V=248320, bf16: CCE 92.6 ms, Liger 321 ms), with the hardware c
 ``ARCHS`` and ``f`` at its default: ``triton`` (tensor-core efficiency of Triton ``tl.dot``
 kernels, relative to the measured cuBLAS GEMM rate) is fitted to CCE's 92.6 ms and is then used
 for EVERY Triton kernel, CCE's and ours alike (fused or plain GEMM); ``cublas`` is fitted to
-Liger's 321 ms. Liger's fitted cuBLAS efficiency comes out far below what cuBLAS reaches on a
-plain GEMM: the third-party point includes costs this model does not see (the point is what it
-is; newer Liger Hopper paths are much faster and are not modelled).
+Liger's 321 ms. Fitted: ``triton`` 0.544 (434 TFLOP/s), ``cublas`` 0.20 (160 TFLOP/s). Liger's
+fitted cuBLAS efficiency is far below what cuBLAS reaches on a plain GEMM: the third-party point
+includes costs this model does not see (the point is what it is; newer Liger Hopper paths are
+much faster and are not modelled).
+
+Not modelled (each is a reason a measurement will differ)
+---------------------------------------------------------
+Lock and atomic contention (CCE's serialised tile adds; favours CCE); the real position of live
+tiles (clustered in frequent tokens, which CCE's vocabulary sort exploits; here pseudo-random,
+the same for CCE and ours); L2 partitions and hashing; the measured register and shared memory
+use (``ctas_per_sm`` is an estimate); cuBLAS's real kernels (modelled as grouped 128x128 tiles,
+without tail effect since cuBLAS picks split-K / stream-K for outputs of few tiles); CCE's fp32
+tiles (its 16-bit tiles are used; its backward needs 16-bit inputs, so it has no fp32 fwd+bwd
+row); the reward head and ``_value_weight_grad_kernel`` (not part of the plan).
 """
 
 from __future__ import annotations
@@ -274,7 +291,7 @@ def run_launch(launch: SimLaunch, l2: L2, budget: int = SIM_BUDGET) -> float:
         if done > budget and 2 <= w + 1 < waves:
             tail = per_wave[len(per_wave) // 2:]
             return l2.dram_bytes - start + (waves - w - 1) * sum(tail) / len(tail)
-    return l2.dram_bytes - start + launch.fixed_dram
+    return l2.dram_bytes - start
 
 
 def live_tile(row_block: int, vocab_tile: int, frac: float) -> bool:
@@ -290,11 +307,11 @@ def live_tile(row_block: int, vocab_tile: int, frac: float) -> bool:
 def ctas_per_sm(cfg: plan_module.KernelConfig, esize: int, hw: Hardware) -> int:
     """Resident CTAs per SM, estimated: registers (an fp32 accumulator of block_m x block_n spread
     over the CTA's threads, twice for the operands in flight, plus 32 for addresses; at most 255
-    per thread) and shared memory (num_stages x (A + B tiles))."""
+    per thread), shared memory (num_stages x (A + B tiles)) and 2048 threads per SM."""
     threads = 32 * cfg.num_warps
     regs = min(255, 32 + 2 * cfg.block_m * cfg.block_n // threads)
     smem = cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * esize
-    return max(1, min(hw.regs_per_sm // (regs * threads), hw.smem_per_sm // max(1, smem), 32 // cfg.num_warps))
+    return max(1, min(hw.regs_per_sm // (regs * threads), hw.smem_per_sm // max(1, smem), 2048 // threads))
 
 
 def _utilisation(programs: int, slots: int) -> float:
@@ -363,7 +380,7 @@ def _gemm_accesses(order, step_accesses, end_accesses=None):
         m, n = order.program(pid)
         steps = [step_accesses(m, n, k) for k in range(order.k_tiles)]
         if end_accesses is not None:
-            steps[-1] = steps[-1] + end_accesses(m, n, steps)
+            steps[-1] = steps[-1] + end_accesses(m, n)
         return steps
 
     return accesses
@@ -418,12 +435,11 @@ def ours(s: Shape, with_backward: bool) -> list[KernelCost]:
                     for rb, vt in k1.steps(pid)]
 
         def k2_accesses(pid):
-            _, dt = k2.program(pid)
+            m, dt = k2.program(pid)
             cols = (dt * ch.block_n, (dt + 1) * ch.block_n)
             steps = [dx.cells(rb * cd.block_m, (rb + 1) * cd.block_m, vt * cd.block_n, (vt + 1) * cd.block_n, READ)
                      + ops.weight.cells(vt * cd.block_n, (vt + 1) * cd.block_n, *cols, READ)
                      if live_tile(rb0 + rb, vt, s.live_frac) else () for rb, vt in k2.steps(pid)]
-            m, _ = k2.program(pid)
             steps[-1] = steps[-1] + ops.d_hidden.cells(row0 + m * ch.block_m, row0 + min(rows, (m + 1) * ch.block_m), *cols, WRITE)
             return steps
 
@@ -541,7 +557,7 @@ def liger(s: Shape, with_backward: bool) -> list[KernelCost]:
             return (logits.cells(m * bt, (m + 1) * bt, k * bt, (k + 1) * bt, READ)
                     + ops.weight.cells(k * bt, (k + 1) * bt, n * bt, (n + 1) * bt, READ))
 
-        def dgrad_end(m, n, _steps):
+        def dgrad_end(m, n):
             return ops.d_hidden.cells(row0 + m * bt, row0 + min(rows, (m + 1) * bt), n * bt, (n + 1) * bt, WRITE)
 
         wgrad = ModelLaunch(vt_n, dt_n, 8, rb_n)
@@ -550,7 +566,7 @@ def liger(s: Shape, with_backward: bool) -> list[KernelCost]:
             return (logits.cells(k * bt, (k + 1) * bt, m * bt, (m + 1) * bt, READ)
                     + ops.hidden.cells(row0 + k * bt, row0 + min(rows, (k + 1) * bt), n * bt, (n + 1) * bt, READ))
 
-        def wgrad_end(m, n, _steps):
+        def wgrad_end(m, n):
             return ops.d_weight.cells(m * bt, (m + 1) * bt, n * bt, (n + 1) * bt, RMW)
 
         return out + [
