@@ -1,6 +1,7 @@
 """Time and memory vs N (and vs V where the CSV sweeps it) per implementation, one PNG per op.
 
-Reads every ``benchmarks/results/*.csv`` (or the files given) and writes, next to each,
+Reads every measured ``benchmarks/results/*.csv`` (not the ``predicted_*.csv`` of ``predict.py``;
+or the files given) and writes, next to each,
 ``<csv stem>__<op>__vsN.png`` and, when several vocabularies were measured at one N,
 ``<csv stem>__<op>__vsV.png``: one row of panels per pass, time (ms) on the left, peak
 memory (MB, as the CSV defines it) on the right, log-log axes. OOM rows are left out.
@@ -22,6 +23,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from report import measured_csvs  # noqa: E402  (benchmarks/ is the script's directory)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 IMPL_ORDER = ("triton", "reference", "ours", "eager", "compile", "torch_linear_ce", "liger", "cce")
@@ -107,7 +109,7 @@ def plot_csv(path: Path) -> list[Path]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    paths = [Path(a) for a in argv] or sorted(RESULTS_DIR.glob("*.csv"))
+    paths = [Path(a) for a in argv] or measured_csvs(RESULTS_DIR)
     for path in paths:
         plot_csv(path)
     return 0
