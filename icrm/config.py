@@ -7,6 +7,7 @@ defaults are the README's main job: the tiny built-in model on the shipped sorti
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,6 +32,19 @@ SCHEDULER_KWARGS = {"cosine": ("num_cycles", "min_lr_rate"), "linear": (), "cons
 STRATEGIES = ("steps", "epoch", "no")
 REPORTERS = ("tensorboard",)
 MAX_LENGTH_POLICIES = ("truncate", "drop")
+#: TRL / transformers fields icrm has no knob for, accepted (and then dropped) when their value
+#: asks for what icrm does anyway, so a TRL config file loads; any other value is an error.
+TRL_FIXED = {
+    "optim": ("adamw_torch", "adamw_torch_fused"),  # torch.optim.AdamW
+    "adam_epsilon": (1e-8,),  # AdamW's default eps
+    "logging_strategy": ("steps",),
+    "logging_first_step": (False,),
+    "save_only_model": (False,),  # checkpoints hold optimizer, scheduler and RNG state
+    "push_to_hub": (False,),
+    "dataloader_num_workers": (0,),
+    "eval_on_start": (False,),
+    "gradient_checkpointing_kwargs": (None, {"use_reentrant": False}),  # icrm's checkpointing is non-reentrant
+}
 
 
 def _help(text: str, **kw) -> Any:
@@ -85,8 +99,9 @@ class RewardConfig:
     logging_steps: int | float = _help("Write metrics every this many optimizer steps (< 1: that fraction of them).", default=10)
     eval_strategy: str = _help(f"One of {STRATEGIES}: evaluate every eval_steps, at each epoch's end, or not during "
                                "training (the final evaluation always runs when there is eval data).", default="steps")
-    eval_steps: int | float = _help("With eval_strategy steps: evaluate every this many optimizer steps (< 1: that "
-                                    "fraction of them; 0: only at the end).", default=0)
+    eval_steps: int | float | None = _help("With eval_strategy steps: evaluate every this many optimizer steps (< 1: "
+                                           "that fraction of them; 0: only at the end; null: logging_steps, as in "
+                                           "transformers).", default=0)
     save_strategy: str = _help(f"One of {STRATEGIES}: checkpoint every save_steps (and at the end), at each epoch's "
                                "end (and at the end), or never (save_model still writes final/).", default="steps")
     save_steps: int | float = _help("With save_strategy steps: checkpoint every this many optimizer steps (< 1: that "
@@ -127,6 +142,8 @@ class RewardConfig:
         for name in positive_ints:
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("sft_max_steps", self.sft_max_steps, minimum=0)
+        if self.eval_steps is None:
+            self.eval_steps = self.logging_steps
         for name in ("logging_steps", "eval_steps", "save_steps", "warmup_steps"):
             _check_steps(name, getattr(self, name), allow_zero=name != "logging_steps")
         _check_int("max_steps", self.max_steps, minimum=-1)
@@ -191,6 +208,14 @@ class RewardConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RewardConfig":
         known = {f.name: f for f in fields(cls)}
+        for name in sorted(set(values) & set(TRL_FIXED)):
+            value = values[name]
+            if isinstance(value, str) and all(isinstance(a, float) for a in TRL_FIXED[name]):
+                with contextlib.suppress(ValueError):  # YAML reads 1e-8 as a string
+                    value = float(value)
+            if value not in TRL_FIXED[name]:
+                raise ValueError(f"{name}: icrm supports only {list(TRL_FIXED[name])} (what it always does), got {value!r}")
+        values = {k: v for k, v in values.items() if k not in TRL_FIXED}
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"unknown config field(s) {unknown}; run `icrm train --help` for the list")

@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from icrm import RewardConfig, RewardTrainer
 from icrm.cli import main
-from icrm.config import DATA_DIR
+from icrm.config import DATA_DIR, TRL_FIXED
 from icrm.data import PreferenceDataset, collate_pairs, read_rows
-from icrm.model import build_tiny_tokenizer, load_tokenizer, tiny_config
+from icrm.model import build_tiny_tokenizer, load_causal_lm, load_tokenizer, tiny_config
 from icrm.objective import icrm_loss, sequence_rewards
 from icrm.train import lr_lambda
 
@@ -219,3 +219,190 @@ def test_reward_trainer_takes_a_causal_lm_object(tmp_path, tok):
     before = causal_lm.model.layers[0].mlp.up_proj.weight.detach().clone()
     trainer.train()
     assert not torch.equal(before, causal_lm.model.layers[0].mlp.up_proj.weight)
+
+
+# ------------------------------------------------------------------------------------------
+# TRL's RewardConfig files
+
+TRL_YAML = """\
+output_dir: {out}
+learning_rate: 0.003
+lr_scheduler_type: cosine
+lr_scheduler_kwargs: {{min_lr_rate: 0.1}}
+warmup_steps: 0.25
+per_device_train_batch_size: 4
+per_device_eval_batch_size: 8
+gradient_accumulation_steps: 1
+max_steps: 8
+logging_steps: 0.25
+eval_strategy: steps
+eval_steps: 0.5
+save_strategy: steps
+save_steps: 0.5
+save_total_limit: 5
+report_to: none
+max_length: 32
+bf16: true
+gradient_checkpointing: false
+optim: adamw_torch
+adam_epsilon: 1e-8
+weight_decay: 0.0
+max_grad_norm: 1.0
+seed: 42
+center_rewards_coefficient: 0.01
+"""
+
+
+def test_trl_reward_config_yaml_runs(tmp_path, files):
+    """One YAML file, read by TRL 1.16's RewardConfig and by icrm (with icrm's data fields added)."""
+    from trl import RewardConfig as TRLConfig
+
+    text = TRL_YAML.format(out=tmp_path / "run")
+    TRLConfig(**yaml.safe_load(text), use_cpu=True)  # TRL accepts the file as it is
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text + f"train_file: {files / 'train.jsonl'}\neval_file: {files / 'eval.jsonl'}\n"
+                           "run_sft: false\ncompare_bt: false\nkernels: reference\n")
+    args = RewardConfig.from_yaml(str(path))
+    assert args.report_to is None and args.warmup_steps == 0.25 and args.eval_steps == 0.5
+    with pytest.warns(UserWarning, match="bf16: true is ignored on cpu"):
+        trainer = RewardTrainer(args=args)
+    trainer.train()
+    logged = [r["step"] for r in trainer.log_history if "loss" in r]
+    evals = [r["step"] for r in trainer.log_history if "eval_accuracy" in r]
+    assert logged == [2, 4, 6, 8] and evals == [4, 8, 8]  # fractions of 8 steps; the final evaluation too
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-4", "checkpoint-8", "metrics.jsonl", "training.png"]
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.1 * 0.003)  # min_lr_rate reached at the end
+
+
+@pytest.mark.parametrize("strategy", ["epoch", "no"])
+def test_eval_and_save_strategies(tmp_path, strategy):
+    args = RewardConfig(output_dir=str(tmp_path / "run"), num_train_epochs=2, per_device_train_batch_size=8,
+                        max_length=32, run_sft=False, compare_bt=False, kernels="reference", eval_strategy=strategy,
+                        save_strategy=strategy, eval_steps=1, save_steps=1, save_total_limit=5)
+    trainer = RewardTrainer(args=args, train_dataset=TRAIN_ROWS[:16], eval_dataset=EVAL_ROWS[:8])
+    trainer.train()  # 2 batches per epoch, 4 steps
+    evals = [r["step"] for r in trainer.log_history if "eval_accuracy" in r]
+    saved = sorted(n for n in os.listdir(tmp_path / "run") if n.startswith("checkpoint-"))
+    if strategy == "epoch":
+        assert evals == [2, 4, 4] and saved == ["checkpoint-2", "checkpoint-4"]
+    else:
+        assert evals == [4] and saved == []
+
+
+def test_warmup_steps_and_scheduler_kwargs():
+    args = RewardConfig(warmup_steps=0.1, warmup_ratio=0.5)  # warmup_steps wins, as in transformers
+    assert args.warmup_steps == 0.1
+    assert RewardConfig(warmup_steps=3).warmup_steps == 3
+    factor = lr_lambda("cosine", 10, 110, num_cycles=0.5, min_lr_rate=0.2)
+    assert factor(9) == pytest.approx(10 / 11) and factor(10) == pytest.approx(1.0)
+    assert factor(60) == pytest.approx(0.2 + 0.8 * 0.5) and factor(110) == pytest.approx(0.2)
+    assert lr_lambda("cosine", 0, 100, num_cycles=1.0)(50) == pytest.approx(0.0)  # a full cycle is back down
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"report_to": "wandb"}, "report_to"), ({"report_to": ["tensorboard", "all"]}, "report_to"),
+    ({"eval_strategy": "best"}, "eval_strategy"), ({"save_strategy": "sometimes"}, "save_strategy"),
+    ({"warmup_steps": 1.5}, "warmup_steps"), ({"save_steps": -0.5}, "save_steps"), ({"logging_steps": 0}, "logging_steps"),
+    ({"lr_scheduler_kwargs": {"power": 2}}, "lr_scheduler_kwargs"), ({"max_length_policy": "keep_end"}, "max_length_policy"),
+    ({"optim": "sgd"}, "optim"), ({"adam_epsilon": 1e-6}, "adam_epsilon"), ({"push_to_hub": True}, "push_to_hub"),
+])
+def test_trl_fields_bad_values_name_the_field(values, message):
+    with pytest.raises(ValueError, match=message):
+        RewardConfig.from_dict(values)
+
+
+def test_cli_parses_trl_field_types():
+    args = RewardConfig.from_dict({"save_steps": "0.25", "logging_steps": "5", "report_to": "none",
+                                   "lr_scheduler_kwargs": '{"min_lr_rate": 0.1}', "eval_steps": "null"})
+    assert (args.save_steps, args.logging_steps, args.report_to, args.eval_steps) == (0.25, 5, None, 5)
+    assert args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+
+
+def test_report_to_tensorboard(tmp_path):
+    args = RewardConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8, max_length=32,
+                        run_sft=False, compare_bt=False, kernels="reference", eval_file=None, report_to=["tensorboard"],
+                        logging_steps=1)
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="pip install tensorboard"):
+            RewardTrainer(args=args, train_dataset=TRAIN_ROWS[:16])
+        return
+    RewardTrainer(args=args, train_dataset=TRAIN_ROWS[:16]).train()
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "run" / "runs"))
+
+
+def test_docs_table_lists_every_trl_reward_config_field():
+    from trl import RewardConfig as TRLConfig
+
+    with open(os.path.join(REPO, "docs", "trainer.md")) as fh:
+        text = fh.read()
+    table = text[text.index("### Every TRL `RewardConfig` field"):]
+    rows = {}
+    for line in table.splitlines()[4:]:
+        if not line.startswith("| `"):
+            break
+        name, status = [c.strip() for c in line.strip("|").split("|")[:2]]
+        rows[name.strip("`")] = status
+    assert sorted(rows) == sorted(f.name for f in dataclasses.fields(TRLConfig))
+    ours = {f.name for f in dataclasses.fields(RewardConfig)}
+    for name, status in rows.items():
+        assert status in ("same", "different", "accepted", "not supported"), (name, status)
+        assert (status in ("same", "different")) == (name in ours), name
+        assert (status == "accepted") == (name in TRL_FIXED), name
+
+
+# ------------------------------------------------------------------------------------------
+# Non-default trainer options, each against a direct computation with plain torch / HF modules
+
+@pytest.mark.parametrize("option", ["gen_temperature", "softcap", "value_head_bias", "generator_folder"])
+def test_non_default_option_reaches_the_loss(option, tmp_path, tok):
+    """The trainer's loss equals ``icrm_loss`` on inputs computed directly: rewards ``hidden @ w + b``,
+    generator log-probs from the generator's own HF forward (HF applies Gemma-2's softcap), divided
+    by ``gen_temperature``, SFT log-probs from the head copy's full logits (softcapped likewise)."""
+    config = family_config("gemma2" if option == "softcap" else "llama3.2", len(tok))
+    if option == "softcap":
+        config.final_logit_softcapping = 0.5  # small enough to change every log-prob
+    config_path = tmp_path / "config.json"
+    config.to_json_file(str(config_path))
+    changes = {"gen_temperature": {"gen_temperature": 0.5}, "softcap": {}, "value_head_bias": {"value_head_bias": True},
+               "generator_folder": {"generator_name_or_path": str(tmp_path / "generator")}}[option]
+    if option == "generator_folder":
+        torch.manual_seed(123)
+        AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "generator"))
+    args = RewardConfig(output_dir=str(tmp_path / "run"), model_name_or_path=str(config_path), max_length=32,
+                        run_sft=False, compare_bt=False, kernels="reference", eval_file=None, reg_ratio=0.5, **changes)
+    trainer = RewardTrainer(args=args, train_dataset=TRAIN_ROWS[:8], processing_class=tok)
+    rm = trainer.model.eval()
+    if option == "value_head_bias":
+        with torch.no_grad():
+            rm.score.bias.fill_(0.75)
+    batch = collate_pairs(PreferenceDataset(TRAIN_ROWS[:3], tok, 32).examples, tok.pad_token_id)
+    with torch.no_grad():
+        out, rewards, _ = trainer._forward(batch, training=False)
+
+        # Direct computation.
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+        hidden = rm.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        want_rewards = hidden @ rm.score.weight[0] + (0.75 if option == "value_head_bias" else 0.0)
+        if option == "generator_folder":
+            generator = AutoModelForCausalLM.from_pretrained(str(tmp_path / "generator"))
+        else:  # the starting model, rebuilt from the same seed
+            generator = load_causal_lm(str(config_path), tok, seed=args.seed)
+        gen_logits = generator.eval()(input_ids=ids, attention_mask=mask).logits / args.gen_temperature
+        gen_logp = torch.log_softmax(gen_logits, -1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+        gen_logp = torch.where(targets != -100, gen_logp, 0.0)[:, :-1]
+        head_logits = hidden @ rm.lm_head.weight.T
+        if option == "softcap":
+            head_logits = 0.5 * torch.tanh(head_logits / 0.5)
+        sft_targets = targets.clone()
+        sft_targets[labels.shape[0] // 2:] = -100  # the SFT term reads the chosen rows only
+        sft_logp = torch.log_softmax(head_logits, -1).gather(-1, sft_targets.clamp_min(0)[..., None])[..., 0]
+        sft_logp = torch.where(sft_targets != -100, sft_logp, 0.0)[:, :-1]
+        want = icrm_loss(want_rewards, labels, gen_logp, sft_logp, smooth_weight=trainer.smooth_weight, training=False,
+                         reg_ratio=0.5, backend="reference")
+    torch.testing.assert_close(rewards, want_rewards, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.align_loss, want.align_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.sft_loss, want.sft_loss, rtol=1e-5, atol=1e-6)
