@@ -260,7 +260,7 @@ class _Trainer:
                    dynamic_ncols=True)
         window: dict[str, list[float]] = {}
         tokens_in_window, t_window = 0, time.perf_counter()
-        micro = 0
+        micro, epochs_done = 0, self.epoch
         while self.global_step < total_steps:
             batches = self._batches(self.epoch)
             if self.batch_in_epoch >= len(batches):
@@ -296,7 +296,9 @@ class _Trainer:
                 self._log(record)
                 bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "accuracy") if k in record})
                 window, tokens_in_window, t_window = {}, 0, time.perf_counter()
-            epoch_end = self.batch_in_epoch >= len(batches)
+            # An epoch may end inside an accumulation window; the step that completes it counts.
+            epoch_end = math.floor(self.epoch + self.batch_in_epoch / len(batches)) > epochs_done
+            epochs_done += int(epoch_end)
             if self.eval_dataset is not None and (
                 (args.eval_strategy == "steps" and eval_steps and self.global_step % eval_steps == 0)
                     or (args.eval_strategy == "epoch" and epoch_end)):
