@@ -287,9 +287,10 @@ def test_eval_and_save_strategies(tmp_path, strategy):
         assert evals == [2, 4, 4] and saved == ["checkpoint-2", "checkpoint-4"]
     else:
         assert evals == [4] and saved == []
-    if strategy == "epoch":  # 5 batches an epoch, 2 per step: epoch 1 ends inside step 3, epoch 2 at step 5
-        args = args.replace(output_dir=str(tmp_path / "accum"), gradient_accumulation_steps=2, save_strategy="no")
-        trainer = RewardTrainer(args=args, train_dataset=TRAIN_ROWS[:40], eval_dataset=EVAL_ROWS[:8])
+    if strategy == "epoch":  # 32 rows in 5 batches an epoch, 2 per step: epoch 1 ends inside step 3, epoch 2 at step 5
+        args = args.replace(output_dir=str(tmp_path / "accum"), gradient_accumulation_steps=2, save_strategy="no",
+                            per_device_train_batch_size=7)
+        trainer = RewardTrainer(args=args, train_dataset=TRAIN_ROWS, eval_dataset=EVAL_ROWS[:8])
         trainer.train()
         assert [r["step"] for r in trainer.log_history if "eval_accuracy" in r] == [3, 5, 6]
 
