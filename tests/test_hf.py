@@ -15,7 +15,7 @@ from icrm import RewardConfig, RewardTrainer
 from icrm.cli import main
 from icrm.config import DATA_DIR, TRL_FIXED
 from icrm.data import PreferenceDataset, collate_pairs, read_rows
-from icrm.model import build_tiny_tokenizer, load_causal_lm, load_tokenizer, tiny_config
+from icrm.model import build_tiny_tokenizer, load_causal_lm, load_reward_model, load_tokenizer, tiny_config
 from icrm.objective import icrm_loss, sequence_rewards
 from icrm.train import lr_lambda
 
@@ -196,6 +196,10 @@ def test_fine_tune_a_trl_model_keeps_its_score_head(trl_model, tmp_path, tok):
             rewards = sequence_rewards(trainer.model.eval()(batch["input_ids"], batch["attention_mask"])[0], batch["labels"])
         torch.testing.assert_close(rewards, expected.T.reshape(-1), rtol=1e-5, atol=1e-5)  # chosen rows first
         trainer.train()
+    saved, _ = load_reward_model(trainer.save_model(), backend="reference")  # and back out for eval / score / export
+    with torch.no_grad():
+        torch.testing.assert_close(saved.eval()(batch["input_ids"], batch["attention_mask"])[0],
+                                   trainer.model.eval()(batch["input_ids"], batch["attention_mask"])[0])
     # ICRM needs a causal LM for the generator and the SFT term: a clear error, then the documented way.
     with pytest.raises(ValueError, match="sft_regularizer"):
         RewardTrainer(args=RewardConfig(**base, model_name_or_path=str(trl_model), reg_ratio=0.0), processing_class=tok)
