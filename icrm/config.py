@@ -76,8 +76,8 @@ class RewardConfig:
     adam_beta2: float = _help("AdamW beta2.", default=0.999)
     max_grad_norm: float = _help("Gradient clipping norm (0: off).", default=1.0)
     lr_scheduler_type: str = _help(f"One of {SCHEDULERS}, after the linear warm-up.", default="cosine")
-    lr_scheduler_kwargs: dict | None = _help(f"Extra scheduler arguments (transformers' names; a JSON object on the CLI): "
-                                             f"{ {k: list(v) for k, v in SCHEDULER_KWARGS.items() if v} }.", default=None)
+    lr_scheduler_kwargs: dict | None = _help("Extra scheduler arguments, transformers' names and meaning (a JSON object "
+                                             "on the CLI): cosine takes num_cycles and min_lr_rate.", default=None)
     warmup_ratio: float = _help("Fraction of the optimizer steps used for linear warm-up (when warmup_steps is 0).", default=0.05)
     warmup_steps: int | float = _help("Linear warm-up steps (an integer), or a fraction of the optimizer steps (< 1), "
                                       "as in transformers 5; > 0 overrides warmup_ratio.", default=0)

@@ -1,6 +1,7 @@
 """Generate the shipped preference data: list sorting with a mistake at one step.
 
-Prompt ``sort : 12 3 40 7\n`` (the newline keeps prompt + response, concatenated as text, apart), chosen response the sorted list ``3 7 12 40`` written one
+Prompt ``sort : 12 3 40 7`` and a newline (which keeps prompt and response apart where tools
+join them as text), chosen response the sorted list ``3 7 12 40`` written one
 number per step, rejected response the same chain with one wrong step (the process
 structure ICRM is about): two adjacent steps swapped, a step that writes a number not in
 the list, or a skipped step. Everything before the faulty step is correct, so the
