@@ -91,6 +91,14 @@ def test_model_family_trains_resumes_and_exports(family, files, tmp_path, tok, c
             with torch.no_grad():
                 reward = hf(**enc).logits[0, 0].item()
             assert reward == pytest.approx(scored[f"{side}_reward"], abs=1e-4)
+    # And the export back into icrm: `icrm score` on it gives the same rewards.
+    again = tmp_path / "scores_hf.jsonl"
+    assert main(["score", "--model", str(hf_dir), "--input", str(files / "eval.jsonl"), "--output", str(again),
+                 "--max_length", "32", "--kernels", "reference"]) == 0
+    for first, second in zip(icrm_scores, (json.loads(x) for x in again.read_text().splitlines())):
+        assert second["chosen_tokens"] == first["chosen_tokens"]
+        for key in ("chosen_reward", "rejected_reward"):
+            assert second[key] == pytest.approx(first[key], abs=1e-4)
 
 
 def test_exported_tokenizer_files_load_on_transformers_4(tmp_path, tok):
@@ -117,6 +125,23 @@ def test_exported_tokenizer_files_load_on_transformers_4(tmp_path, tok):
         proc = subprocess.run([python4, "-c", code], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.split(" ", 1)[1].strip() == str(tok("sort : 3 1 2 <eos>")["input_ids"])
+
+
+def test_export_tokenizer_keeps_a_bos_in_front(tok):
+    """A tokenizer that adds BOS itself (Llama-3 style) keeps it; EOS goes at the end."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from icrm.model import tokenizer_appending_eos
+
+    with_bos = copy.deepcopy(tok)
+    bos = with_bos.convert_tokens_to_ids("<|system|>")  # stands in for <|begin_of_text|>
+    with_bos.backend_tokenizer.post_processor = TemplateProcessing(single="<|system|> $A", pair="<|system|> $A $B:1",
+                                                                   special_tokens=[("<|system|>", bos)])
+    exported = tokenizer_appending_eos(with_bos)
+    assert exported("sort : 2 1")["input_ids"] == [bos] + tok("sort : 2 1")["input_ids"] + [tok.eos_token_id]
+    assert exported("sort : 2 1", add_special_tokens=False)["input_ids"] == tok("sort : 2 1")["input_ids"]
 
 
 def test_tokenizer_round_trip_same_class_and_ids(tmp_path, tok):
