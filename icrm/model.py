@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -150,8 +151,13 @@ def load_causal_lm(name_or_path: str, tokenizer, *, seed: int = 0) -> nn.Module:
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config)
     else:  # a local folder, or a hub id where the machine can download
-        auto = AutoModelForSequenceClassification if is_sequence_classification(name_or_path) else AutoModelForCausalLM
-        model = auto.from_pretrained(name_or_path, dtype=torch.float32)
+        classifier = is_sequence_classification(name_or_path)
+        model = (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_pretrained(
+            name_or_path, dtype=torch.float32)
+        if classifier and model.config.pad_token_id == tokenizer.eos_token_id:
+            warnings.warn(f"{name_or_path}: the classifier's pad token is its EOS (TRL's default when a tokenizer has no "
+                          "pad), so HF and TRL read its reward at the token before EOS; icrm reads it at EOS (after "
+                          "adding a pad token), so its scores differ from TRL's for this model")
     fit_to_tokenizer(model, tokenizer)
     return model
 
@@ -469,8 +475,6 @@ def export_sequence_classification(rm: RewardModel, tokenizer, directory: str) -
     safetensors. A value-head bias has no slot there; it only shifts every reward by a constant
     (pairwise preferences unchanged), so it is dropped with a warning.
     """
-    import warnings
-
     backbone = rm.merged_backbone()
     config = copy.deepcopy(rm.config)
     config.num_labels = 1

@@ -238,6 +238,15 @@ def test_fine_tune_a_trl_model_keeps_its_score_head(trl_model, tmp_path, tok):
     assert RewardTrainer(args=args, train_dataset=TRAIN_ROWS[:16], processing_class=tok).train()["step"] == 2
 
 
+def test_classifier_trained_with_pad_equal_to_eos_is_flagged(tmp_path, tok):
+    """TRL pads with EOS when a tokenizer has no pad; HF then reads such a model before the EOS."""
+    config = tiny_config(tok, hidden_size=32)
+    config.num_labels, config.pad_token_id = 1, tok.eos_token_id
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(str(tmp_path / "m"))
+    with pytest.warns(UserWarning, match="token before EOS"):
+        load_causal_lm(str(tmp_path / "m"), tok)
+
+
 def test_reward_trainer_takes_a_causal_lm_object(tmp_path, tok):
     torch.manual_seed(0)
     causal_lm = AutoModelForCausalLM.from_config(tiny_config(tok, hidden_size=32))
