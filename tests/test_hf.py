@@ -83,6 +83,8 @@ def test_model_family_trains_resumes_and_exports(family, files, tmp_path, tok, c
     icrm_scores = [json.loads(x) for x in scores_file.read_text().splitlines()]
     # Raw text, plain transformers: the export's tokenizer appends EOS itself.
     hf = AutoModelForSequenceClassification.from_pretrained(str(hf_dir)).eval()
+    # transformers 5's AutoTokenizer forces Qwen2Tokenizer on any qwen2 folder (right for Qwen's own
+    # tokenizer, not for the built-in one used here; docs/trainer.md), so that family reads it as saved.
     hf_tok = load_tokenizer(None, str(hf_dir)) if family == "qwen2.5" else AutoTokenizer.from_pretrained(str(hf_dir))
     for row, scored in zip(EVAL_ROWS, icrm_scores):
         for side in ("chosen", "rejected"):
