@@ -7,7 +7,9 @@ defaults are the README's main job: the tiny built-in model on the shipped sorti
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -25,6 +27,24 @@ BUILTIN_MODEL = "tiny"
 BASELINES = ("row_mean", "response_mean")
 KERNEL_BACKENDS = ("auto", "triton", "reference")
 SCHEDULERS = ("cosine", "linear", "constant")
+#: ``lr_scheduler_kwargs`` each scheduler understands (transformers' names and meaning).
+SCHEDULER_KWARGS = {"cosine": ("num_cycles", "min_lr_rate"), "linear": (), "constant": ()}
+STRATEGIES = ("steps", "epoch", "no")
+REPORTERS = ("tensorboard",)
+MAX_LENGTH_POLICIES = ("truncate", "drop")
+#: TRL / transformers fields icrm has no knob for, accepted (and then dropped) when their value
+#: asks for what icrm does anyway, so a TRL config file loads; any other value is an error.
+TRL_FIXED = {
+    "optim": ("adamw_torch", "adamw_torch_fused"),  # torch.optim.AdamW
+    "adam_epsilon": (1e-8,),  # AdamW's default eps
+    "logging_strategy": ("steps",),
+    "logging_first_step": (False,),
+    "save_only_model": (False,),  # checkpoints hold optimizer, scheduler and RNG state
+    "push_to_hub": (False,),
+    "dataloader_num_workers": (0,),
+    "eval_on_start": (False,),
+    "gradient_checkpointing_kwargs": (None, {"use_reentrant": False}),  # icrm's checkpointing is non-reentrant
+}
 
 
 def _help(text: str, **kw) -> Any:
@@ -45,7 +65,10 @@ class RewardConfig:
     train_file: str = _help("Preference data (JSONL/JSON/Parquet).", default=os.path.join(DATA_DIR, "sort_train.jsonl"))
     eval_file: str | None = _help("Held-out preference data ('' or null: none).", default=os.path.join(DATA_DIR, "sort_eval.jsonl"))
     output_dir: str = _help("Where checkpoints, metrics.jsonl, the plot and the final model go.", default="runs/icrm")
-    max_length: int = _help("Max tokens of prompt + response; the response is cut, rows with no response token left are dropped.", default=64)
+    max_length: int = _help("Max tokens of prompt + response (EOS included); see max_length_policy.", default=64)
+    max_length_policy: str = _help(f"One of {MAX_LENGTH_POLICIES}: cut a longer response and put EOS back as its last "
+                                   "token (a pair whose prompt leaves no room is dropped), or drop the pair (TRL). "
+                                   "Both are counted and warned about.", default="truncate")
     # --- optimisation (TRL names) -------------------------------------------------------
     learning_rate: float = _help("Peak AdamW learning rate.", default=1e-3)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
@@ -53,7 +76,11 @@ class RewardConfig:
     adam_beta2: float = _help("AdamW beta2.", default=0.999)
     max_grad_norm: float = _help("Gradient clipping norm (0: off).", default=1.0)
     lr_scheduler_type: str = _help(f"One of {SCHEDULERS}, after the linear warm-up.", default="cosine")
-    warmup_ratio: float = _help("Fraction of the optimizer steps used for linear warm-up.", default=0.05)
+    lr_scheduler_kwargs: dict | None = _help("Extra scheduler arguments, transformers' names and meaning (a JSON object "
+                                             "on the CLI): cosine takes num_cycles and min_lr_rate.", default=None)
+    warmup_ratio: float = _help("Fraction of the optimizer steps used for linear warm-up (when warmup_steps is 0).", default=0.05)
+    warmup_steps: int | float = _help("Linear warm-up steps (an integer), or a fraction of the optimizer steps (< 1), "
+                                      "as in transformers 5; > 0 overrides warmup_ratio.", default=0)
     per_device_train_batch_size: int = _help("Preference pairs per process per micro-batch.", default=16)
     per_device_eval_batch_size: int = _help("Preference pairs per process per eval batch.", default=64)
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
@@ -62,18 +89,27 @@ class RewardConfig:
     seed: int = _help("Seed of model init, data order and RNG.", default=42)
     center_rewards_coefficient: float | None = _help("TRL's reward-centering term coef * mean((R_c + R_r)^2).", default=None)
     gradient_checkpointing: bool = _help("Recompute the backbone's activations in backward.", default=False)
-    bf16: bool = _help("bf16 autocast on CUDA (ignored on CPU, which trains in fp32).", default=False)
-    fp16: bool = _help("fp16 autocast + loss scaling on CUDA (ignored on CPU).", default=False)
+    bf16: bool = _help("bf16 autocast on CUDA (on CPU, which trains in fp32, it is ignored with a warning).", default=False)
+    fp16: bool = _help("fp16 autocast + loss scaling on CUDA (on CPU ignored with a warning).", default=False)
     use_peft: bool = _help("Train LoRA adapters instead of the full backbone (value head and head copy stay trainable).", default=False)
     lora_r: int = _help("LoRA rank.", default=16)
     lora_alpha: int = _help("LoRA alpha.", default=32)
     lora_dropout: float = _help("LoRA dropout.", default=0.0)
     lora_target_modules: list[str] | None = _help("LoRA target modules (comma-separated on the CLI); default: peft's per-architecture choice.", default=None)
-    logging_steps: int = _help("Write metrics every this many optimizer steps.", default=10)
-    eval_steps: int = _help("Evaluate every this many optimizer steps (0: only at the end).", default=0)
-    save_steps: int = _help("Checkpoint every this many optimizer steps (0: only at the end).", default=0)
+    logging_steps: int | float = _help("Write metrics every this many optimizer steps (< 1: that fraction of them).", default=10)
+    eval_strategy: str = _help(f"One of {STRATEGIES}: evaluate every eval_steps, at each epoch's end, or not during "
+                               "training (the final evaluation always runs when there is eval data).", default="steps")
+    eval_steps: int | float | None = _help("With eval_strategy steps: evaluate every this many optimizer steps (< 1: "
+                                           "that fraction of them; 0: only at the end; null: logging_steps, as in "
+                                           "transformers).", default=0)
+    save_strategy: str = _help(f"One of {STRATEGIES}: checkpoint every save_steps (and at the end), at each epoch's "
+                               "end (and at the end), or never (save_model still writes final/).", default="steps")
+    save_steps: int | float = _help("With save_strategy steps: checkpoint every this many optimizer steps (< 1: that "
+                                    "fraction of them; 0: only at the end).", default=0)
     save_total_limit: int = _help("Keep the last this many checkpoints (>= 1).", default=2)
     resume_from_checkpoint: str | None = _help("A checkpoint folder, or 'latest' for the newest one in output_dir.", default=None)
+    report_to: list[str] | None = _help(f"Also log metrics to these (of {REPORTERS}; 'none' or null: only metrics.jsonl).",
+                                        default=None)
     # --- ICRM (ours) --------------------------------------------------------------------
     reg_ratio: float = _help("Weight of the consistency term: L = L_sft + reg_ratio L_align + (1 - reg_ratio) L_bt. 0: GRM.", default=0.1)
     sft_regularizer: bool = _help("Add the GRM SFT term L_sft (off with reg_ratio 0: plain Bradley-Terry).", default=True)
@@ -102,11 +138,14 @@ class RewardConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
         positive_ints = ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
-                         "gradient_accumulation_steps", "lora_r", "lora_alpha", "logging_steps", "save_total_limit")
+                         "gradient_accumulation_steps", "lora_r", "lora_alpha", "save_total_limit")
         for name in positive_ints:
             _check_int(name, getattr(self, name), minimum=1)
-        for name in ("eval_steps", "save_steps", "sft_max_steps"):
-            _check_int(name, getattr(self, name), minimum=0)
+        _check_int("sft_max_steps", self.sft_max_steps, minimum=0)
+        if self.eval_steps is None:
+            self.eval_steps = self.logging_steps
+        for name in ("logging_steps", "eval_steps", "save_steps", "warmup_steps"):
+            _check_steps(name, getattr(self, name), allow_zero=name != "logging_steps")
         _check_int("max_steps", self.max_steps, minimum=-1)
         if self.cpu_threads is not None:
             _check_int("cpu_threads", self.cpu_threads, minimum=0)
@@ -126,7 +165,9 @@ class RewardConfig:
         if self.center_rewards_coefficient is not None:
             _check_float("center_rewards_coefficient", self.center_rewards_coefficient, lo=0.0)
         for name, choices in (("consistency_kind", CONSISTENCY_KINDS), ("baseline", BASELINES),
-                              ("kernels", KERNEL_BACKENDS), ("lr_scheduler_type", SCHEDULERS)):
+                              ("kernels", KERNEL_BACKENDS), ("lr_scheduler_type", SCHEDULERS),
+                              ("eval_strategy", STRATEGIES), ("save_strategy", STRATEGIES),
+                              ("max_length_policy", MAX_LENGTH_POLICIES)):
             if getattr(self, name) not in choices and not (name == "baseline" and self.baseline is None):
                 raise ValueError(f"{name} must be one of {tuple(choices)}, got {getattr(self, name)!r}")
         for name in ("model_name_or_path", "train_file", "output_dir"):
@@ -138,6 +179,24 @@ class RewardConfig:
             not isinstance(self.lora_target_modules, list) or not all(isinstance(m, str) and m for m in self.lora_target_modules)
         ):
             raise ValueError(f"lora_target_modules must be a list of module names, got {self.lora_target_modules!r}")
+        if isinstance(self.report_to, str):  # TRL files write one integration as a plain string
+            self.report_to = [self.report_to]
+        if self.report_to is not None:
+            if not isinstance(self.report_to, list) or not all(isinstance(r, str) for r in self.report_to):
+                raise ValueError(f"report_to must be a list of integration names, got {self.report_to!r}")
+            self.report_to = [r for r in self.report_to if r != "none"] or None
+            unknown = sorted(set(self.report_to or ()) - set(REPORTERS))
+            if unknown:
+                raise ValueError(f"report_to: {unknown} not supported; use one of {REPORTERS} or 'none'")
+        kwargs = self.lr_scheduler_kwargs or {}
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"lr_scheduler_kwargs must be a mapping, got {kwargs!r}")
+        unknown = sorted(set(kwargs) - set(SCHEDULER_KWARGS[self.lr_scheduler_type]))
+        if unknown:
+            raise ValueError(f"lr_scheduler_kwargs: {unknown} not understood by lr_scheduler_type "
+                             f"{self.lr_scheduler_type!r} (it takes {list(SCHEDULER_KWARGS[self.lr_scheduler_type])})")
+        for name, value in kwargs.items():
+            _check_float(f"lr_scheduler_kwargs.{name}", value, lo=0.0)
 
     # ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -149,6 +208,14 @@ class RewardConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RewardConfig":
         known = {f.name: f for f in fields(cls)}
+        for name in sorted(set(values) & set(TRL_FIXED)):
+            value = values[name]
+            if isinstance(value, str) and all(isinstance(a, float) for a in TRL_FIXED[name]):
+                with contextlib.suppress(ValueError):  # YAML reads 1e-8 as a string
+                    value = float(value)
+            if value not in TRL_FIXED[name]:
+                raise ValueError(f"{name}: icrm supports only {list(TRL_FIXED[name])} (what it always does), got {value!r}")
+        values = {k: v for k, v in values.items() if k not in TRL_FIXED}
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"unknown config field(s) {unknown}; run `icrm train --help` for the list")
@@ -171,6 +238,21 @@ def _check_int(name: str, value, *, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def _check_steps(name: str, value, *, allow_zero: bool) -> None:
+    """A step count: an integer (>= 0, or >= 1), or a fraction of the optimizer steps in (0, 1)."""
+    if isinstance(value, float) and 0 < value < 1:
+        return
+    if isinstance(value, float) and value.is_integer():  # 100.0 from a file
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise ValueError(f"{name} must be an integer >= {0 if allow_zero else 1} or a fraction in (0, 1), got {value!r}")
+
+
+def resolve_steps(value: int | float, total_steps: int) -> int:
+    """A step count, with a fraction (0 < value < 1) taken of ``total_steps`` (rounded up, as transformers does)."""
+    return math.ceil(value * total_steps) if 0 < value < 1 else int(value)
+
+
 def _check_float(name, value, *, lo=None, hi=None, lo_open=False, hi_open=False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -187,13 +269,18 @@ def coerce(f: dataclasses.Field, value):
     """Turn a YAML/CLI value into the field's type; strings from the CLI are parsed here."""
     kind = str(f.type)
     if value is None or not isinstance(value, str):
-        if "float" in kind and isinstance(value, int) and not isinstance(value, bool):
+        if kind.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         return value
     text = value.strip()
     if "None" in kind and text.lower() in {"none", "null", ""}:
         return None
     try:
+        if kind.startswith("int | float"):
+            number = float(text)
+            return int(number) if number.is_integer() and "." not in text else number
+        if kind.startswith("dict"):
+            return json.loads(text)
         if kind.startswith("bool"):
             if text.lower() in _TRUE:
                 return True

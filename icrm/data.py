@@ -10,10 +10,12 @@ Layouts (as in TRL):
 * an optional numeric ``margin`` column (TRL: ``-logsigmoid(R_c - R_r - margin)``).
 
 Tokenization: ``prompt_ids + response_ids + [eos]`` (no second EOS when the chat template
-already ends the turn with it), labels -100 on the prompt, right
-truncation to ``max_length`` that keeps at least one response token (rows that cannot are
-dropped and counted). Bad rows (missing field, empty response, wrong type) are skipped and
-counted, the first few listed; a file that is not valid JSON(L) fails with the line number.
+already ends the turn with it), labels -100 on the prompt. Pairs longer than ``max_length``
+are, by ``max_length_policy``, either truncated (the response is cut and EOS put back as the
+last token; a pair whose prompt leaves no room for a response token and EOS is dropped) or
+dropped, as TRL does; both are counted and warned about. Bad rows (missing field, empty
+response, wrong type) are skipped and counted, the first few listed; a file that is not valid
+JSON(L) fails with the line number.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ class DataStats:
             self.examples_of_bad.append(f"{where}: {reason}")
 
     def summary(self) -> str:
-        text = (f"{self.kept}/{self.rows} rows kept ({self.bad} bad, {self.dropped_too_long} dropped: prompt >= max_length, "
-                f"{self.truncated} truncated)")
+        text = (f"{self.kept}/{self.rows} rows kept ({self.bad} bad, {self.dropped_too_long} dropped as longer than "
+                f"max_length, {self.truncated} truncated to max_length)")
         if self.examples_of_bad:
             text += "; first bad rows: " + "; ".join(self.examples_of_bad)
         return text
@@ -69,24 +71,31 @@ def read_rows(path: str) -> list[dict]:
         return pq.read_table(path).to_pylist()
     if lower.endswith(".json"):
         with open(path) as fh:
-            try:
-                data = json.load(fh)
-            except json.JSONDecodeError as exc:
+            text = fh.read()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if exc.msg != "Extra data":
                 raise ValueError(f"{path} is not valid JSON: line {exc.lineno}: {exc.msg}") from None
+            return _json_lines(path, text.splitlines())  # `datasets`' to_json writes JSON Lines to .json files
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
             raise ValueError(f"{path} must hold a JSON list of rows (or {{'data': [...]}}), got {type(data).__name__}")
         return data
-    rows = []
     with open(path) as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} is not valid JSONL: line {lineno}: {exc.msg}") from None
+        return _json_lines(path, fh)
+
+
+def _json_lines(path: str, lines) -> list:
+    rows = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSONL: line {lineno}: {exc.msg}") from None
     return rows
 
 
@@ -163,17 +172,26 @@ def normalize_row(row, tokenizer) -> tuple[str, str, str, float | None]:
 # ------------------------------------------------------------------------------------------
 # Tokenization
 
-def tokenize_pair(prompt: str, response: str, tokenizer, max_length: int) -> tuple[list[int], int, bool] | None:
-    """-> ``(input_ids, prompt_len, truncated)``, or None when no response token fits."""
+def tokenize_pair(prompt: str, response: str, tokenizer, max_length: int,
+                  policy: str = "truncate") -> tuple[list[int], int, bool] | None:
+    """-> ``(input_ids, prompt_len, truncated)``, or None when the sequence is dropped.
+
+    Longer than ``max_length``: ``policy="truncate"`` cuts the response and puts EOS back as
+    the last token (the reward is read there), None when not even one response token and EOS
+    fit; ``"drop"``: None.
+    """
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+    if prompt_ids and prompt_ids[-1] == tokenizer.eos_token_id:
+        prompt_ids = prompt_ids[:-1]  # a tokenizer that appends EOS itself (icrm's export) ends the text, not the prompt
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if not response_ids or response_ids[-1] != tokenizer.eos_token_id:  # chat templates may end turns with EOS
         response_ids.append(tokenizer.eos_token_id)
-    if len(prompt_ids) >= max_length:
-        return None
     ids = prompt_ids + response_ids
-    truncated = len(ids) > max_length
-    return ids[:max_length], len(prompt_ids), truncated
+    if len(ids) <= max_length:
+        return ids, len(prompt_ids), False
+    if policy == "drop" or len(prompt_ids) + 2 > max_length:
+        return None
+    return ids[:max_length - 1] + [tokenizer.eos_token_id], len(prompt_ids), True
 
 
 @dataclass
@@ -188,7 +206,7 @@ class PreferenceExample:
 class PreferenceDataset(torch.utils.data.Dataset):
     """Tokenized preference pairs, built from a file path or a list of raw rows."""
 
-    def __init__(self, source, tokenizer, max_length: int, *, name: str = "data"):
+    def __init__(self, source, tokenizer, max_length: int, *, name: str = "data", max_length_policy: str = "truncate"):
         rows = read_rows(source) if isinstance(source, str) else list(source)
         self.stats = DataStats(rows=len(rows))
         self.examples: list[PreferenceExample] = []
@@ -200,8 +218,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
             except BadRow as exc:
                 self.stats.note_bad(where, str(exc))
                 continue
-            c = tokenize_pair(prompt, chosen, tokenizer, max_length)
-            r = tokenize_pair(prompt, rejected, tokenizer, max_length)
+            c = tokenize_pair(prompt, chosen, tokenizer, max_length, max_length_policy)
+            r = tokenize_pair(prompt, rejected, tokenizer, max_length, max_length_policy)
             if c is None or r is None:
                 self.stats.dropped_too_long += 1
                 continue
@@ -213,7 +231,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.has_margin = bool(margins) and all(margins)
         self.stats.kept = len(self.examples)
         self.pad_token_id = tokenizer.pad_token_id
-        if self.stats.bad or self.stats.dropped_too_long:
+        if self.stats.bad or self.stats.dropped_too_long or self.stats.truncated:
             log.warning("%s: %s", name, self.stats.summary())
         if not self.examples:
             raise ValueError(f"{name}: no usable preference rows ({self.stats.summary()})")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -81,7 +82,7 @@ def load_tokenizer(tokenizer_name_or_path: str | None, model_name_or_path: str):
         if random_init or folder_without_tokenizer:
             return build_tiny_tokenizer()
         path = model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer_folder(path)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer at {path} has no eos_token; the trainer appends EOS to every response")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -91,19 +92,106 @@ def load_tokenizer(tokenizer_name_or_path: str | None, model_name_or_path: str):
     return tokenizer
 
 
+#: Tokenizer classes that are "the tokenizer.json as it is". transformers 5 saves these as
+#: ``TokenizersBackend``, a name 4.x does not know; and its ``AutoTokenizer`` swaps in the model
+#: type's own class for some types (a ``qwen2`` folder gets ``Qwen2Tokenizer``, which replaces the
+#: pre-tokenizer and so changes the ids of a tokenizer that is not Qwen's).
+GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def load_tokenizer_folder(path: str):
+    """``AutoTokenizer.from_pretrained(path)``, except that a folder whose ``tokenizer_config.json``
+    names a generic class loads as exactly that (same class and ids as when it was saved)."""
+    config_path = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as fh:
+            if json.load(fh).get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES:
+                return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def save_tokenizer(tokenizer, directory: str) -> None:
+    """``tokenizer.save_pretrained`` that records a generic class under the name both transformers
+    4.x and 5.x load (``PreTrainedTokenizerFast``)."""
+    tokenizer.save_pretrained(directory)
+    if type(tokenizer).__name__ in GENERIC_TOKENIZER_CLASSES:
+        _edit_json(os.path.join(directory, "tokenizer_config.json"), tokenizer_class="PreTrainedTokenizerFast")
+
+
+def _edit_json(path: str, **changes) -> None:
+    """Set (or, with value None, remove) top-level keys of a JSON file."""
+    with open(path) as fh:
+        data = json.load(fh)
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=2, ensure_ascii=False)
+
+
+def is_sequence_classification(name_or_path) -> bool:
+    """Is this a folder holding an ``<Arch>ForSequenceClassification`` (an icrm export, TRL's output)?"""
+    config_path = os.path.join(name_or_path, "config.json") if isinstance(name_or_path, str) else ""
+    if not os.path.isfile(config_path):
+        return False
+    with open(config_path) as fh:
+        architectures = json.load(fh).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
 def load_causal_lm(name_or_path: str, tokenizer, *, seed: int = 0) -> nn.Module:
-    """A causal LM in fp32: built-in tiny (random init), a config.json (random init) or a folder."""
+    """The starting model in fp32: built-in tiny (random init), a config.json (random init), a
+    causal-LM folder, or a sequence-classification folder (loaded as such: its ``score`` head
+    becomes the value head's init, and it has no LM head)."""
     if name_or_path == BUILTIN_MODEL or name_or_path.endswith(".json"):
         config = tiny_config(tokenizer) if name_or_path == BUILTIN_MODEL else AutoConfig.from_pretrained(name_or_path)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config)
     else:  # a local folder, or a hub id where the machine can download
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+        classifier = is_sequence_classification(name_or_path)
+        model = (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_pretrained(
+            name_or_path, dtype=torch.float32)
+        if classifier and model.config.pad_token_id == tokenizer.eos_token_id:
+            warnings.warn(f"{name_or_path}: the classifier's pad token is its EOS (TRL's default when a tokenizer has no "
+                          "pad), so HF and TRL read its reward at the token before EOS; icrm reads it at EOS (after "
+                          "adding a pad token), so its scores differ from TRL's for this model")
+    fit_to_tokenizer(model, tokenizer)
+    return model
+
+
+def fit_to_tokenizer(model: nn.Module, tokenizer) -> None:
+    """Grow the embeddings to the tokenizer (an added pad token) and record its pad id."""
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+
+
+def without_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` less the tensors that alias an earlier entry (tied embeddings: ``lm_head.weight``
+    is ``embed_tokens.weight``). safetensors refuses to save shared tensors;
+    :func:`load_with_aliases` restores the dropped names from the kept one."""
+    seen, kept = set(), {}
+    for name, tensor in state.items():
+        key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        kept[name] = tensor
+    return kept
+
+
+def load_with_aliases(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(state)`` where a missing name is allowed only if it is tied to a
+    loaded one (what :func:`without_aliases` dropped); anything else missing or unexpected raises."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    loaded = {id(tensors[n]) for n in state if n in tensors}
+    untied = [n for n in missing if n not in tensors or id(tensors[n]) not in loaded]
+    if untied or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {untied[:5]}, unexpected {unexpected[:5]}")
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -193,9 +281,18 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.score.weight, std=1.0 / (hidden_size + 1) ** 0.5)
         if value_head_bias:
             nn.init.zeros_(self.score.bias)
+        trained_head = getattr(causal_lm, "score", None)  # a sequence-classification model's own head
+        if isinstance(trained_head, nn.Linear) and trained_head.out_features == 1:
+            with torch.no_grad():
+                self.score.weight.copy_(trained_head.weight)
+                if value_head_bias and trained_head.bias is not None:
+                    self.score.bias.copy_(trained_head.bias)
         self.lm_head = None
+        source = causal_lm.get_output_embeddings()
+        if with_lm_head and source is None:
+            raise ValueError(f"{type(causal_lm).__name__} has no LM head for the SFT term (a sequence-classification "
+                             "model); set sft_regularizer: false")
         if with_lm_head:
-            source = causal_lm.get_output_embeddings()
             self.lm_head = nn.Linear(hidden_size, source.out_features, bias=source.bias is not None)
             # A real copy, untied from the input embeddings: the head trains on its own.
             self.lm_head.load_state_dict({k: v.detach().clone() for k, v in source.state_dict().items()})
@@ -279,6 +376,10 @@ class Generator(nn.Module):
 
     def __init__(self, causal_lm: nn.Module, *, temperature: float = 1.0, backend: str = "auto"):
         super().__init__()
+        if causal_lm.get_output_embeddings() is None:
+            raise ValueError(f"the generator needs a causal LM; {type(causal_lm).__name__} has no LM head (a "
+                             "sequence-classification model): set generator_name_or_path to a causal-LM folder, "
+                             "or reg_ratio: 0")
         self.backbone = decoder_of(causal_lm)
         self.lm_head = causal_lm.get_output_embeddings()
         self.softcap = _softcap(causal_lm.config)
@@ -338,7 +439,7 @@ def save_reward_model(rm: RewardModel, tokenizer, directory: str, *, full: bool 
         state = rm.trainable_state_dict()
     save_file(state, os.path.join(directory, RM_WEIGHTS_NAME))
     rm.config.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    save_tokenizer(tokenizer, directory)
     meta = {"value_head_bias": rm.value_head_bias, "with_lm_head": rm.lm_head is not None, "full": full}
     meta.update(extra or {})
     with open(os.path.join(directory, RM_CONFIG_NAME), "w") as fh:
@@ -346,16 +447,20 @@ def save_reward_model(rm: RewardModel, tokenizer, directory: str, *, full: bool 
 
 
 def load_reward_model(directory: str, *, backend: str = "auto") -> tuple[RewardModel, object]:
-    """Load a folder written by :func:`save_reward_model` with ``full=True`` (``icrm eval/score``)."""
+    """Load a folder written by :func:`save_reward_model` with ``full=True``, or any
+    ``<Arch>ForSequenceClassification`` folder (``icrm export``'s, TRL's) (``icrm eval/score``)."""
     meta_path = os.path.join(directory, RM_CONFIG_NAME)
+    if not os.path.exists(meta_path) and is_sequence_classification(directory):
+        tokenizer = load_tokenizer(None, directory)
+        return RewardModel(load_causal_lm(directory, tokenizer), with_lm_head=False, backend=backend), tokenizer
     if not os.path.exists(meta_path):
-        raise ValueError(f"{directory} is not an icrm reward-model folder (no {RM_CONFIG_NAME}); "
-                         "pass a run's final/ or checkpoint-N/ folder")
+        raise ValueError(f"{directory} is neither an icrm reward-model folder (no {RM_CONFIG_NAME}) nor a "
+                         "sequence-classification folder; pass a run's final/ or checkpoint-N/, or an export")
     with open(meta_path) as fh:
         meta = json.load(fh)
     if not meta.get("full", True):
         raise ValueError(f"{directory} holds LoRA adapters only; load it through RewardTrainer(resume_from_checkpoint=...)")
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer = load_tokenizer_folder(directory)
     config = AutoConfig.from_pretrained(directory)
     causal_lm = AutoModelForCausalLM.from_config(config)
     rm = RewardModel(causal_lm, value_head_bias=meta["value_head_bias"], with_lm_head=meta["with_lm_head"], backend=backend)
@@ -370,8 +475,6 @@ def export_sequence_classification(rm: RewardModel, tokenizer, directory: str) -
     safetensors. A value-head bias has no slot there; it only shifts every reward by a constant
     (pairwise preferences unchanged), so it is dropped with a warning.
     """
-    import warnings
-
     backbone = rm.merged_backbone()
     config = copy.deepcopy(rm.config)
     config.num_labels = 1
@@ -387,5 +490,44 @@ def export_sequence_classification(rm: RewardModel, tokenizer, directory: str) -
         warnings.warn("the value head's bias is dropped in the export (a constant shift of every reward)")
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
+    save_tokenizer(tokenizer_appending_eos(tokenizer), directory)
+    # tokenizer.json's post-processor is now the one source of special tokens: these flags would
+    # make transformers rebuild it without the EOS.
+    _edit_json(os.path.join(directory, "tokenizer_config.json"), add_bos_token=None, add_eos_token=None)
     return directory
+
+
+def tokenizer_appending_eos(tokenizer) -> PreTrainedTokenizerFast:
+    """A generic fast copy of ``tokenizer`` whose ``tokenizer(text)`` ends with EOS.
+
+    The reward is read at the EOS the trainer appends to every response; with this
+    post-processor, plain ``tokenizer(prompt + response)`` on the export gives the same ids as
+    training (and ``icrm score``) do, and the rightmost non-pad token HF scores is that EOS.
+    Special tokens the tokenizer already adds (a BOS) are kept in front.
+    """
+    from tokenizers.processors import TemplateProcessing
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"export needs a fast (tokenizers) tokenizer, got {type(tokenizer).__name__}")
+    plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a b")["input_ids"]
+    start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+    if start is None:
+        raise ValueError(f"cannot tell which special tokens {type(tokenizer).__name__} adds around the text")
+    prefix = tokenizer.convert_ids_to_tokens(full[:start])
+    suffix = tokenizer.convert_ids_to_tokens(full[start + len(plain):])
+    if suffix[-1:] != [tokenizer.eos_token]:
+        suffix.append(tokenizer.eos_token)
+    special = {t: tokenizer.convert_tokens_to_ids(t) for t in prefix + suffix}
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    backend.post_processor = TemplateProcessing(
+        single=" ".join(prefix + ["$A"] + suffix), pair=" ".join(prefix + ["$A", "$B:1"] + suffix),
+        special_tokens=list(special.items()),
+    )
+    names = ("bos_token", "eos_token", "unk_token", "pad_token")
+    exported = PreTrainedTokenizerFast(
+        tokenizer_object=backend, **{n: getattr(tokenizer, n) for n in names if getattr(tokenizer, n) is not None},
+        padding_side="right", truncation_side=tokenizer.truncation_side, model_max_length=tokenizer.model_max_length,
+    )
+    exported.chat_template = tokenizer.chat_template
+    return exported

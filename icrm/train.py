@@ -25,6 +25,7 @@ import random
 import resource
 import shutil
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -34,11 +35,12 @@ from tqdm.auto import tqdm
 
 from icrm_kernels import linear_logprobs
 
-from .config import RewardConfig
+from .config import RewardConfig, resolve_steps
 from .data import IGNORE_INDEX, PreferenceDataset, collate_pairs, collate_sft, epoch_batches
 from .model import (
     RM_CONFIG_NAME, Generator, RewardModel, apply_lora, check_packing_support, decoder_of,
-    enable_activation_checkpointing, last_hidden, load_causal_lm, load_tokenizer, save_reward_model, shifted_targets,
+    enable_activation_checkpointing, fit_to_tokenizer, last_hidden, load_causal_lm, load_tokenizer, load_with_aliases,
+    save_reward_model, save_tokenizer, shifted_targets, without_aliases,
 )
 from .objective import INITIAL_SMOOTH_WEIGHT, icrm_loss
 
@@ -99,13 +101,15 @@ def _fsync_tree(path: str) -> None:
                 os.fsync(fh.fileno())
 
 
-def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
+def lr_lambda(kind: str, warmup_steps: int, total_steps: int, num_cycles: float = 0.5, min_lr_rate: float = 0.0):
+    """Linear warm-up, then ``kind``; ``num_cycles`` and ``min_lr_rate`` as in transformers' cosine schedules."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+            cosine = max(0.0, 0.5 * (1.0 + math.cos(math.pi * 2.0 * num_cycles * min(1.0, progress))))
+            return min_lr_rate + (1.0 - min_lr_rate) * cosine
         if kind == "linear":
             return max(0.0, 1.0 - progress)
         return 1.0
@@ -113,10 +117,10 @@ def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
     return factor
 
 
-def _as_dataset(source, tokenizer, max_length: int, name: str):
+def _as_dataset(source, tokenizer, args: RewardConfig, name: str):
     if source is None or isinstance(source, PreferenceDataset):
         return source
-    return PreferenceDataset(source, tokenizer, max_length, name=name)
+    return PreferenceDataset(source, tokenizer, args.max_length, name=name, max_length_policy=args.max_length_policy)
 
 
 # ------------------------------------------------------------------------------------------
@@ -136,7 +140,7 @@ class _Trainer:
         if args.padding_free:
             check_packing_support(self.model.backbone)
         self._train_source, self._train_dataset = train_dataset, None  # tokenized on first use
-        self.eval_dataset = _as_dataset(eval_dataset, tokenizer, args.max_length, "eval")
+        self.eval_dataset = _as_dataset(eval_dataset, tokenizer, args, "eval")
         self.module = self.model
         if self.world_size > 1:
             self.module = torch.nn.parallel.DistributedDataParallel(
@@ -146,6 +150,15 @@ class _Trainer:
         self.autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype and self.device.type == "cuda" \
             else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler("cuda") if args.fp16 and self.device.type == "cuda" else None
+        if amp_dtype and self.device.type != "cuda":
+            warnings.warn(f"{'bf16' if args.bf16 else 'fp16'}: true is ignored on {self.device.type}; training in fp32")
+        self.tensorboard = None
+        if args.report_to and "tensorboard" in args.report_to and self.rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("report_to: tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.tensorboard = SummaryWriter(os.path.join(args.output_dir, "runs"))
         self.global_step, self.epoch, self.batch_in_epoch, self.num_tokens = 0, 0, 0, 0
         self.log_history: list[dict] = []
         self.smooth_weight = INITIAL_SMOOTH_WEIGHT
@@ -170,7 +183,7 @@ class _Trainer:
     @property
     def train_dataset(self):
         if self._train_dataset is None and self._train_source is not None:
-            self._train_dataset = _as_dataset(self._train_source, self.tokenizer, self.args.max_length, "train")
+            self._train_dataset = _as_dataset(self._train_source, self.tokenizer, self.args, "train")
         return self._train_dataset
 
     @property
@@ -199,9 +212,10 @@ class _Trainer:
         ]
         self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate,
                                            betas=(self.args.adam_beta1, self.args.adam_beta2))
-        warmup = int(self.args.warmup_ratio * total_steps)
+        warmup = resolve_steps(self.args.warmup_steps, total_steps) if self.args.warmup_steps else \
+            int(self.args.warmup_ratio * total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(self.args.lr_scheduler_type, warmup, total_steps)
+            self.optimizer, lr_lambda(self.args.lr_scheduler_type, warmup, total_steps, **(self.args.lr_scheduler_kwargs or {}))
         )
 
     def _to_device(self, batch: dict) -> dict:
@@ -209,7 +223,7 @@ class _Trainer:
 
     def _eval_batches(self, eval_dataset, collate):
         """``(indices, device batch)`` over this rank's share of ``eval_dataset`` (or the trainer's)."""
-        dataset = _as_dataset(eval_dataset, self.tokenizer, self.args.max_length, "eval") or self.eval_dataset
+        dataset = _as_dataset(eval_dataset, self.tokenizer, self.args, "eval") or self.eval_dataset
         if dataset is None:
             raise ValueError("no eval_dataset given")
         pad, packed = self.tokenizer.pad_token_id, self.args.padding_free
@@ -234,6 +248,8 @@ class _Trainer:
             raise ValueError("train_dataset is None; pass one to the trainer")
         set_seed(args.seed)
         total_steps = self._total_steps()
+        logging_steps, eval_steps, save_steps = (resolve_steps(getattr(args, f"{n}_steps"), total_steps)
+                                                 for n in ("logging", "eval", "save"))
         self._build_optimizer(total_steps)
         resume = resume_from_checkpoint or args.resume_from_checkpoint
         if resume:
@@ -244,7 +260,7 @@ class _Trainer:
                    dynamic_ncols=True)
         window: dict[str, list[float]] = {}
         tokens_in_window, t_window = 0, time.perf_counter()
-        micro = 0
+        micro, epochs_done = 0, self.epoch
         while self.global_step < total_steps:
             batches = self._batches(self.epoch)
             if self.batch_in_epoch >= len(batches):
@@ -267,7 +283,7 @@ class _Trainer:
             grad_norm = self._optimizer_step()
             self.global_step += 1
             bar.update(1)
-            if self.global_step % args.logging_steps == 0 or self.global_step == total_steps:
+            if self.global_step % logging_steps == 0 or self.global_step == total_steps:
                 elapsed = time.perf_counter() - t_window
                 record = {k: sum(v) / len(v) for k, v in window.items()}
                 record["grad_norm"] = grad_norm
@@ -280,12 +296,19 @@ class _Trainer:
                 self._log(record)
                 bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "accuracy") if k in record})
                 window, tokens_in_window, t_window = {}, 0, time.perf_counter()
-            if args.eval_steps and self.global_step % args.eval_steps == 0 and self.eval_dataset is not None:
+            # An epoch may end inside an accumulation window; the step that completes it counts.
+            epoch_end = math.floor(self.epoch + self.batch_in_epoch / len(batches)) > epochs_done
+            epochs_done += int(epoch_end)
+            if self.eval_dataset is not None and (
+                (args.eval_strategy == "steps" and eval_steps and self.global_step % eval_steps == 0)
+                    or (args.eval_strategy == "epoch" and epoch_end)):
                 self._log({"step": self.global_step, **self.evaluate()})
-            if args.save_steps and self.global_step % args.save_steps == 0:
+            if (args.save_strategy == "steps" and save_steps and self.global_step % save_steps == 0) \
+                    or (args.save_strategy == "epoch" and epoch_end):
                 self.save_checkpoint()
         bar.close()
-        if not list_checkpoints(args.output_dir) or not list_checkpoints(args.output_dir)[-1].endswith(f"-{self.global_step}"):
+        checkpoints = list_checkpoints(args.output_dir)
+        if args.save_strategy != "no" and (not checkpoints or not checkpoints[-1].endswith(f"-{self.global_step}")):
             self.save_checkpoint()
         result = {"step": self.global_step}
         if self.eval_dataset is not None:
@@ -330,6 +353,11 @@ class _Trainer:
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, "metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key if key.startswith("eval_") else f"train/{key}", value, record["step"])
+            self.tensorboard.flush()
 
     def plot(self) -> str | None:
         """``training.png``: loss parts and accuracy against the optimizer step."""
@@ -380,8 +408,8 @@ class _Trainer:
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save(rng, os.path.join(tmp, f"rng_state_{self.rank}.pt"))
         if self.is_main:
-            save_file(self._model_state(), os.path.join(tmp, "model.safetensors"))
-            self.tokenizer.save_pretrained(tmp)
+            save_file(without_aliases(self._model_state()), os.path.join(tmp, "model.safetensors"))
+            save_tokenizer(self.tokenizer, tmp)
             self.model.config.save_pretrained(tmp)
             self._write_model_meta(tmp)
             torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
@@ -452,7 +480,9 @@ class RewardTrainer(_Trainer):
     """Train a :class:`~icrm.model.RewardModel` with the ICRM objective (or GRM / Bradley-Terry).
 
     Args:
-        model: a ``RewardModel``, a path / ``"tiny"`` to build one, or None for ``args.model_name_or_path``.
+        model: a ``RewardModel``; a Hugging Face causal LM or ``<Arch>ForSequenceClassification`` object
+            (wrapped like a folder of that kind: trained in place, a classifier's ``score`` kept);
+            a path / ``"tiny"`` to build one; or None for ``args.model_name_or_path``.
         args: the :class:`~icrm.config.RewardConfig`.
         train_dataset / eval_dataset: a :class:`~icrm.data.PreferenceDataset`, a file path or a
             list of raw rows in any TRL preference layout; None for ``args.train_file`` / ``args.eval_file``.
@@ -464,8 +494,10 @@ class RewardTrainer(_Trainer):
     def __init__(self, model=None, args: RewardConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, generator: Generator | None = None):
         args = args or RewardConfig()
-        tokenizer = processing_class or load_tokenizer(args.tokenizer_name_or_path, args.model_name_or_path)
-        if model is None or isinstance(model, str):
+        # Like TRL, a model given without a tokenizer brings its own (a path's, an object's name_or_path).
+        model_path = model if isinstance(model, str) else getattr(model, "name_or_path", None) or args.model_name_or_path
+        tokenizer = processing_class or load_tokenizer(args.tokenizer_name_or_path, model_path)
+        if model is None or not isinstance(model, RewardModel):
             model, generator = build_reward_model(args, tokenizer, model or args.model_name_or_path, generator)
         elif generator is None and args.reg_ratio > 0:
             generator = Generator.from_reward_model(model, temperature=args.gen_temperature, backend=args.kernels)
@@ -569,9 +601,16 @@ class RewardTrainer(_Trainer):
         return output_dir
 
 
-def build_reward_model(args: RewardConfig, tokenizer, name_or_path: str, generator: Generator | None = None):
-    """``(RewardModel, Generator or None)`` from the config (seeded, so the same config gives the same init)."""
-    causal_lm = load_causal_lm(name_or_path, tokenizer, seed=args.seed)
+def build_reward_model(args: RewardConfig, tokenizer, name_or_path, generator: Generator | None = None):
+    """``(RewardModel, Generator or None)`` from the config (seeded, so the same config gives the same init).
+
+    ``name_or_path``: what :func:`~icrm.model.load_causal_lm` takes, or such a model object.
+    """
+    if isinstance(name_or_path, torch.nn.Module):
+        causal_lm = name_or_path
+        fit_to_tokenizer(causal_lm, tokenizer)
+    else:
+        causal_lm = load_causal_lm(name_or_path, tokenizer, seed=args.seed)
     if generator is None and args.reg_ratio > 0:
         source = load_causal_lm(args.generator_name_or_path, tokenizer, seed=args.seed) \
             if args.generator_name_or_path else copy.deepcopy(causal_lm)
@@ -653,14 +692,14 @@ class SFTTrainer(_Trainer):
         return {k: v.detach().contiguous().cpu() for k, v in self.model.causal_lm.state_dict().items()}
 
     def _load_model_state(self, state):
-        self.model.causal_lm.load_state_dict(state)
+        load_with_aliases(self.model.causal_lm, state)
 
     def save_model(self, output_dir: str | None = None) -> str:
         """Save as a Hugging Face causal-LM folder (+ tokenizer): the generator / RM init."""
         output_dir = output_dir or os.path.join(self.args.output_dir, "final")
         if self.is_main:
             self.model.causal_lm.save_pretrained(output_dir)
-            self.tokenizer.save_pretrained(output_dir)
+            save_tokenizer(self.tokenizer, output_dir)
         self._barrier()
         return output_dir
 

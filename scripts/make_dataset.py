@@ -1,6 +1,7 @@
 """Generate the shipped preference data: list sorting with a mistake at one step.
 
-Prompt ``sort : 12 3 40 7``, chosen response the sorted list ``3 7 12 40`` written one
+Prompt ``sort : 12 3 40 7`` and a newline (which keeps prompt and response apart where tools
+join them as text), chosen response the sorted list ``3 7 12 40`` written one
 number per step, rejected response the same chain with one wrong step (the process
 structure ICRM is about): two adjacent steps swapped, a step that writes a number not in
 the list, or a skipped step. Everything before the faulty step is correct, so the
@@ -37,7 +38,8 @@ def make_pair(rng: random.Random) -> dict:
     else:
         del wrong[step]
     return {
-        "prompt": "sort : " + " ".join(map(str, values)),
+        # The newline ends the prompt: TRL (and most tools) concatenate prompt + response as text.
+        "prompt": "sort : " + " ".join(map(str, values)) + "\n",
         "chosen": " ".join(map(str, ordered)),
         "rejected": " ".join(map(str, wrong)),
         "error": kind,

@@ -94,18 +94,45 @@ def test_json_and_parquet_files(tmp_path, tok):
         assert len(PreferenceDataset(str(tmp_path / name), tok, 16)) == 3
 
 
-def test_truncation_keeps_a_response_token_or_drops(tok):
+def test_truncation_keeps_eos_or_drops(tok):
     rows = [
         {"prompt": "sort : 1 2 3", "chosen": "1 2 3", "rejected": "3 2 1"},  # 5 + 4 tokens
-        {"prompt": "sort : 1 2 3 4 5 6", "chosen": "1", "rejected": "2"},  # prompt alone is 8 tokens
+        {"prompt": "sort : 1 2 3 4", "chosen": "1", "rejected": "2"},  # prompt 6: no room for a token + EOS in 7
+        {"prompt": "sort : 1", "chosen": "1", "rejected": "2"},  # fits
     ]
     ds = PreferenceDataset(rows, tok, 7)
-    assert len(ds) == 1 and ds.stats.dropped_too_long == 1 and ds.stats.truncated == 1
+    assert len(ds) == 2 and ds.stats.dropped_too_long == 1 and ds.stats.truncated == 1
     ex = ds[0]
-    assert len(ex.chosen_ids) == 7 and ex.chosen_prompt_len == 5  # two response tokens survive
-    assert ex.chosen_ids[-1] != tok.eos_token_id  # EOS was cut with the tail
+    assert len(ex.chosen_ids) == 7 and ex.chosen_prompt_len == 5
+    assert ex.chosen_ids == tok.convert_tokens_to_ids(["sort", ":", "1", "2", "3", "1", "<eos>"])  # cut, EOS put back
+    assert ex.rejected_ids[-1] == tok.eos_token_id
+    dropped = PreferenceDataset(rows, tok, 7, max_length_policy="drop")  # TRL's policy: any longer pair goes
+    assert len(dropped) == 1 and dropped.stats.dropped_too_long == 2 and dropped.stats.truncated == 0
+    assert dropped[0].chosen_ids == ds[1].chosen_ids
 
 
+def test_json_lines_in_a_json_file(tmp_path, tok):
+    """`datasets`' Dataset.to_json writes JSON Lines, even to a .json name."""
+    from datasets import Dataset
+
+    rows = [{"prompt": "sort : 2 1\n", "chosen": "1 2", "rejected": "2 1"}] * 3
+    Dataset.from_list(rows).to_json(str(tmp_path / "d.json"))
+    assert read_rows(str(tmp_path / "d.json")) == rows
+    (tmp_path / "bad.json").write_text('{"chosen": "1"}\n{oops}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_rows(str(tmp_path / "bad.json"))
+
+
+def test_shipped_prompts_survive_trl_concatenation(tok):
+    """TRL's RewardTrainer tokenizes ``prompt + chosen + eos_token`` as one string (reward_trainer.py,
+    "add_eos" then "explicit prompt case"): the shipped data must give the ids icrm trains on."""
+    for split in ("train", "eval"):
+        rows = read_rows(f"{DATA_DIR}/sort_{split}.jsonl")
+        ds = PreferenceDataset(rows, tok, 64)
+        assert len(ds) == len(rows)
+        for row, ex in zip(rows, ds.examples):
+            for side, ids in (("chosen", ex.chosen_ids), ("rejected", ex.rejected_ids)):
+                assert tok(row["prompt"] + row[side] + tok.eos_token)["input_ids"] == ids
 def test_collate_layout_and_pooling_position(tok):
     rows = [{"prompt": "sort : 2 1", "chosen": "1 2", "rejected": "2"},
             {"prompt": "sort : 4 3 5", "chosen": "3 4 5", "rejected": "5 4 3"}]
