@@ -85,12 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it is swapped under test capture)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
-    if not logging.getLogger("icrm").handlers:
-        handler = logging.StreamHandler()
+    logger = logging.getLogger("icrm")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("icrm: warning: %(message)s"))  # the package logs warnings only
-        logging.getLogger("icrm").addHandler(handler)
+        logger.addHandler(handler)
     try:
         if ns.command == "train":
             from .train import run_main_job

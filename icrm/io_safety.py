@@ -97,7 +97,8 @@ def ensure_writable_dir(path: str, field: str = "output_dir") -> None:
     while probe_from and not os.path.exists(probe_from):
         probe_from = os.path.dirname(probe_from)
     if probe_from and not os.path.isdir(probe_from):
-        raise IcrmError(f"{field} {path}: {probe_from} is a file, not a folder")
+        where = "" if probe_from == path else f": {probe_from}"
+        raise IcrmError(f"{field} {path}{where} is a file, not a folder")
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
