@@ -93,7 +93,9 @@ def _resumes_in(resume: str | None, output_dir: str) -> bool:
     """Whether ``resume`` continues the run in ``output_dir`` (then its files are this run's past)."""
     if not resume:
         return False
-    if resume in ("latest", "auto"):
+    if resume == "auto":  # with nothing to resume, 'auto' is a fresh run and follows its rules
+        return bool(list_checkpoints(output_dir))
+    if resume == "latest":
         return True
     return os.path.realpath(os.path.dirname(os.path.normpath(resume))) == os.path.realpath(output_dir)
 
