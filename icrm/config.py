@@ -19,7 +19,7 @@ import yaml
 
 from icrm_kernels.consistency.reference import KINDS as CONSISTENCY_KINDS
 
-from .io_safety import IcrmError
+from .io_safety import IcrmError, first_line
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -245,7 +245,7 @@ class RewardConfig:
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            problem = getattr(exc, "problem", None) or first_line(exc)
             raise IcrmError(f"config file {path}: YAML syntax error{where}: {problem}") from None
         if not isinstance(values, dict):
             raise IcrmError(f"config file {path} must hold a mapping of field: value, got {type(values).__name__}")

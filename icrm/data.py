@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .io_safety import IcrmError
+from .io_safety import IcrmError, first_line
 
 IGNORE_INDEX = -100
 #: Warn when more than this share of a dataset's tokens are the tokenizer's unknown token.
@@ -69,12 +69,12 @@ class DataStats:
 # ------------------------------------------------------------------------------------------
 # Reading files
 
-def _decode(path: str, raw: bytes, first_line: int = 1) -> str:
+def _decode(path: str, raw: bytes, start_line: int = 1) -> str:
     """UTF-8 text of ``raw`` (a BOM allowed); a bad byte is reported with its file and line."""
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = first_line + raw.count(b"\n", 0, exc.start)
+        line = start_line + raw.count(b"\n", 0, exc.start)
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         raise IcrmError(f"{path} is not UTF-8 text: line {line}, column {column}: byte 0x{raw[exc.start]:02x} "
                         f"({exc.reason}); re-save the file as UTF-8") from None
@@ -94,7 +94,7 @@ def read_rows(path: str) -> list[dict]:
         try:
             return pq.read_table(path).to_pylist()
         except (pyarrow.ArrowException, OSError) as exc:
-            raise IcrmError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+            raise IcrmError(f"{path} is not a readable Parquet file ({first_line(exc)})") from None
     if lower.endswith(".json"):
         with open(path, "rb") as fh:
             text = _decode(path, fh.read())

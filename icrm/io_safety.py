@@ -27,6 +27,11 @@ class IcrmError(ValueError):
     """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to many lines)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
 def refuse_same_file(input_path: str, output_path: str, what: str = "--output") -> None:
     """Raise when ``output_path`` is ``input_path`` (also through links), before anything is opened."""
     if output_path == "-":
@@ -45,8 +50,12 @@ def atomic_path(path: str, *, directory: bool = False):
     """Yield a temporary path beside ``path``; on success rename it to ``path`` (a file, or a
     folder with ``directory=True``), on any error remove it and leave ``path`` as it was.
 
-    A folder that already exists at ``path`` is replaced only after the new one is complete.
+    A folder that already exists at ``path`` is replaced only after the new one is complete,
+    and only if it is empty or a saved model (has ``config.json``): a folder of other files
+    is refused, not swept away.
     """
+    if directory and os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise IcrmError(f"{path} exists and is not a saved model folder (no config.json); refusing to replace it")
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)
     base = os.path.basename(os.path.normpath(path))

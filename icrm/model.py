@@ -28,7 +28,7 @@ from transformers import (
 from icrm_kernels import linear_logprobs, linear_logprobs_and_rewards
 
 from .config import BUILTIN_MODEL
-from .io_safety import IcrmError, check_model_source
+from .io_safety import IcrmError, check_model_source, first_line
 
 RM_CONFIG_NAME = "icrm_reward_model.json"
 RM_WEIGHTS_NAME = "model.safetensors"
@@ -88,7 +88,7 @@ def load_tokenizer(tokenizer_name_or_path: str | None, model_name_or_path: str):
     try:
         tokenizer = load_tokenizer_folder(path)
     except OSError as exc:
-        raise IcrmError(f"{field} {path}: no tokenizer there, locally or on the hub ({_first_line(exc)})") from None
+        raise IcrmError(f"{field} {path}: no tokenizer there, locally or on the hub ({first_line(exc)})") from None
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer at {path} has no eos_token; the trainer appends EOS to every response")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -164,7 +164,7 @@ def load_causal_lm(name_or_path: str, tokenizer, *, seed: int = 0) -> nn.Module:
             model = (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_pretrained(
                 name_or_path, dtype=torch.float32)
         except OSError as exc:
-            raise IcrmError(f"model {name_or_path}: no model there, locally or on the hub ({_first_line(exc)})") from None
+            raise IcrmError(f"model {name_or_path}: no model there, locally or on the hub ({first_line(exc)})") from None
         if classifier and model.config.pad_token_id == tokenizer.eos_token_id:
             warnings.warn(f"{name_or_path}: the classifier's pad token is its EOS (TRL's default when a tokenizer has no "
                           "pad), so HF and TRL read its reward at the token before EOS; icrm reads it at EOS (after "
@@ -203,10 +203,6 @@ def load_with_aliases(module: nn.Module, state: dict[str, torch.Tensor]) -> None
     untied = [n for n in missing if n not in tensors or id(tensors[n]) not in loaded]
     if untied or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {untied[:5]}, unexpected {unexpected[:5]}")
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

@@ -50,7 +50,7 @@ from .model import (
     enable_activation_checkpointing, fit_to_tokenizer, last_hidden, load_causal_lm, load_tokenizer, load_with_aliases,
     save_reward_model, save_tokenizer, shifted_targets, without_aliases,
 )
-from .io_safety import IcrmError, atomic_path, check_model_source, fsync_tree, refuse_same_file
+from .io_safety import IcrmError, atomic_path, check_model_source, first_line, fsync_tree, refuse_same_file
 from .objective import INITIAL_SMOOTH_WEIGHT, icrm_loss
 
 log = logging.getLogger("icrm")
@@ -309,7 +309,8 @@ class _Trainer:
             if self.global_step % logging_steps == 0 or self.global_step == total_steps:
                 elapsed = time.perf_counter() - t_window
                 record = {k: sum(v) / len(v) for k, v in window.items()}
-                record["grad_norm"] = float("nan") if grad_norm is None else grad_norm
+                if grad_norm is not None:  # a skipped update has none (every rank skips together)
+                    record["grad_norm"] = grad_norm
                 record["tokens_per_s"] = tokens_in_window / max(elapsed, 1e-9)
                 record = self._reduce_mean(record)
                 record["tokens_per_s"] *= self.world_size
@@ -524,8 +525,7 @@ class _Trainer:
             try:
                 return loader(full)
             except Exception as exc:  # noqa: BLE001  (any reader failure means a damaged file)
-                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-                raise IcrmError(f"{full} cannot be read ({reason})") from None
+                raise IcrmError(f"{full} cannot be read ({first_line(exc)})") from None
 
         def load_json(full):
             with open(full) as fh:
@@ -553,7 +553,7 @@ class _Trainer:
             self.optimizer.load_state_dict(loaded["optimizer"])
             self.scheduler.load_state_dict(loaded["scheduler"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise IcrmError(f"checkpoint {path} does not fit this model/config: {str(exc).splitlines()[0]}") from None
+            raise IcrmError(f"checkpoint {path} does not fit this model/config: {first_line(exc)}") from None
         if self.scaler and "scaler" in loaded:
             self.scaler.load_state_dict(loaded["scaler"])
         state = loaded["state"]

@@ -102,6 +102,12 @@ def test_atomic_path_keeps_the_old_file_on_failure(tmp_path):
     with atomic_path(str(target)) as tmp, open(tmp, "w") as fh:
         fh.write("new")
     assert target.read_text() == "new" and os.listdir(tmp_path) == ["result.json"]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "mine.txt").write_text("keep")
+    with pytest.raises(IcrmError, match="not a saved model folder"):  # save_model(path) into a folder of files
+        with atomic_path(str(tmp_path / "docs"), directory=True):
+            pass
+    assert (tmp_path / "docs" / "mine.txt").read_text() == "keep"
 
 
 def test_export_refuses_the_model_folder_and_non_empty_folders(tmp_path, model_dir, capsys):
