@@ -155,6 +155,17 @@ def test_output_dir_that_is_a_file_fails_before_any_work(tmp_path, capsys, no_mo
     assert (tmp_path / "taken").read_text() == "a file"
 
 
+def test_unwritable_output_dir_is_named(tmp_path, monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("icrm.io_safety.tempfile.TemporaryFile", denied)  # tests may run as root: fake it
+    trainer = RewardTrainer(args=tiny_args(tmp_path / "ro", logging_steps=1000), train_dataset=ROWS)
+    with pytest.raises(IcrmError, match=f"output_dir {tmp_path / 'ro'} is not writable .Permission denied"):
+        trainer.train()
+    assert trainer.global_step == 0  # found before any step, not at the first metrics write
+
+
 def test_overwrite_output_dir_removes_only_the_previous_runs_files(tmp_path):
     out = tmp_path / "run"
     RewardTrainer(args=tiny_args(out, max_steps=4, save_steps=1, save_total_limit=3), train_dataset=ROWS).train()
