@@ -10,7 +10,7 @@ bad file, and falls back to the newest intact checkpoint (with a warning).
 previous run's files unless ``overwrite_output_dir`` is set; then it deletes exactly the
 files a run writes (:data:`RUN_FILES`, ``checkpoint-<N>`` folders that carry our
 ``trainer_state.json``, ``tmp-checkpoint-<N>`` and ``checkpoint-<N>.old`` leftovers,
-``damaged-checkpoint-<N>`` set aside by a resume, ``final/``; in ``icrm train``'s top
+``damaged-``/``superseded-checkpoint-<N>`` set aside by a resume, ``final/``; in ``icrm train``'s top
 folder, the same inside ``sft/``, ``icrm/``, ``bt/``) and nothing else. A ``checkpoint-<N>`` or ``final`` folder that a run did not
 write is never deleted: the run stops and names it.
 """
@@ -36,7 +36,8 @@ RUN_FILES = ("metrics.jsonl", "training.png", "summary.json")
 STAGE_DIRS = ("sft", "icrm", "bt")
 
 
-DAMAGED_PREFIX = "damaged-"
+#: Prefixes of checkpoints moved aside on resume: damaged, or newer than an explicit resume point.
+SET_ASIDE_PREFIXES = ("damaged-", "superseded-")
 
 
 def _step_of(name: str) -> int | None:
@@ -123,9 +124,10 @@ def promote(tmp: str, final: str) -> None:
         os.replace(tmp, final)
 
 
-def set_aside(path: str) -> str:
-    """Rename a damaged ``checkpoint-<N>`` to ``damaged-checkpoint-<N>`` (kept, never resumed)."""
-    target = os.path.join(os.path.dirname(os.path.normpath(path)), DAMAGED_PREFIX + os.path.basename(os.path.normpath(path)))
+def set_aside(path: str, prefix: str) -> str:
+    """Rename ``checkpoint-<N>`` to ``<prefix>checkpoint-<N>``: kept, never listed or resumed."""
+    assert prefix in SET_ASIDE_PREFIXES
+    target = os.path.join(os.path.dirname(os.path.normpath(path)), prefix + os.path.basename(os.path.normpath(path)))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(path, target)
     log.warning("moved %s aside to %s", path, target)
@@ -169,7 +171,7 @@ def _is_ours(path: str) -> bool:
     name = os.path.basename(path)
     if os.path.isfile(path):
         return name in RUN_FILES
-    if name.startswith((f"tmp-{CHECKPOINT_PREFIX}", f"{DAMAGED_PREFIX}{CHECKPOINT_PREFIX}")) or (
+    if name.startswith((f"tmp-{CHECKPOINT_PREFIX}",) + tuple(p + CHECKPOINT_PREFIX for p in SET_ASIDE_PREFIXES)) or (
             name.startswith(CHECKPOINT_PREFIX) and name.endswith(".old")):
         return True
     if _step_of(name) is not None:

@@ -475,9 +475,7 @@ class _Trainer:
             write_manifest(tmp)  # last: a checkpoint with a valid manifest is complete
             fsync_tree(tmp)
             promote(tmp, final)
-            # Newer checkpoints left by an abandoned timeline are not counted (replaced when reached).
-            mine = [p for p in list_checkpoints(out) if checkpoint_step(p) <= self.global_step]
-            for old in mine[: -self.args.save_total_limit]:
+            for old in list_checkpoints(out)[: -self.args.save_total_limit]:
                 shutil.rmtree(old)
             remove_leftovers(out)
         self._saved_step = self.global_step
@@ -506,7 +504,7 @@ class _Trainer:
                 damaged.append(f"{path}: {problem}")
                 log.warning("checkpoint %s is damaged: %s", path, problem)
                 if self.is_main and resume in ("latest", "auto"):
-                    set_aside(path)  # kept for inspection, never listed, counted or resumed again
+                    set_aside(path, "damaged-")  # kept for inspection, never listed, counted or resumed again
                 continue
             if damaged:
                 log.warning("resuming from %s, the newest intact checkpoint", path)
@@ -572,6 +570,11 @@ class _Trainer:
                 torch.cuda.set_rng_state_all(rng["cuda"])
         if os.path.realpath(os.path.dirname(os.path.normpath(path))) == os.path.realpath(self.args.output_dir):
             self._saved_step = self.global_step  # that checkpoint is already in output_dir
+            # Newer checkpoints belong to the timeline this resume abandons: `latest` must not
+            # pick them after a later kill, and they must not be rotated as if they were ours.
+            for newer in list_checkpoints(self.args.output_dir):
+                if checkpoint_step(newer) > self.global_step and self.is_main:
+                    set_aside(newer, "superseded-")
 
 
 # ------------------------------------------------------------------------------------------

@@ -246,6 +246,18 @@ def test_explicit_damaged_checkpoint_is_named(tmp_path, three_checkpoints):
                       train_dataset=ROWS).train()
 
 
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, three_checkpoints):
+    out = tmp_path / "run"
+    shutil.copytree(three_checkpoints[0], out)
+    trainer = RewardTrainer(args=tiny_args(out, max_steps=2, save_total_limit=3,
+                                           resume_from_checkpoint=str(out / "checkpoint-1")), train_dataset=ROWS)
+    trainer.train()
+    names = sorted(os.listdir(out))
+    assert [n for n in names if "checkpoint" in n] == ["checkpoint-1", "checkpoint-2", "superseded-checkpoint-2",
+                                                       "superseded-checkpoint-3"]
+    assert losses(trainer.log_history) == pytest.approx({1: three_checkpoints[1][1], 2: three_checkpoints[1][2]})
+
+
 def test_checkpoint_without_manifest_is_checked_as_it_is_read(tmp_path, three_checkpoints):
     out = tmp_path / "run"
     shutil.copytree(three_checkpoints[0], out)
