@@ -202,7 +202,8 @@ def _previous_run_entries(output_dir: str) -> tuple[list[str], list[str]]:
 def prepare_output_dir(output_dir: str, *, resuming: bool, overwrite: bool, apply: bool = True) -> None:
     """Check ``output_dir`` before any work: writable, and not holding another run's files
     unless resuming (they are this run's past) or ``overwrite`` (they are deleted, see the
-    module docstring). ``apply=False`` checks only (``icrm train`` checks every stage first).
+    module docstring). ``apply=False`` only checks (ranks other than 0; the CLI before it
+    builds a model).
     """
     ensure_writable_dir(output_dir)
     if resuming:
@@ -220,5 +221,8 @@ def prepare_output_dir(output_dir: str, *, resuming: bool, overwrite: bool, appl
                         "or choose another output_dir")
     if apply:
         for path in ours:
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
         log.warning("overwrite_output_dir: removed the previous run's %s", ", ".join(os.path.relpath(p, output_dir) for p in ours))

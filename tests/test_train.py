@@ -6,8 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 
 import pytest
 import torch
