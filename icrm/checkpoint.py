@@ -101,13 +101,16 @@ def verify_checkpoint(directory: str) -> str | None:
         return f"{manifest} is unreadable ({exc})"
     for rel, want in files.items():
         path = os.path.join(directory, rel)
-        if not os.path.isfile(path):
+        try:
+            size = os.path.getsize(path)
+            if size != want["size"]:
+                return f"{path} has {size} bytes, the manifest says {want['size']} (truncated or overwritten)"
+            if _sha256(path) != want["sha256"]:
+                return f"{path} does not match its SHA-256 in {MANIFEST} (corrupted)"
+        except FileNotFoundError:
             return f"{path} is missing"
-        size = os.path.getsize(path)
-        if size != want["size"]:
-            return f"{path} has {size} bytes, the manifest says {want['size']} (truncated or overwritten)"
-        if _sha256(path) != want["sha256"]:
-            return f"{path} does not match its SHA-256 in {MANIFEST} (corrupted)"
+        except OSError as exc:
+            return f"{path} cannot be read ({exc.strerror or exc})"
     return None
 
 

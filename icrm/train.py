@@ -501,18 +501,20 @@ class _Trainer:
                 except IcrmError as exc:
                     problem = str(exc)
             if problem is not None:
-                damaged.append(f"{path}: {problem}")
+                damaged.append((path, problem))
                 log.warning("checkpoint %s is damaged: %s", path, problem)
-                if self.is_main and resume in ("latest", "auto"):
-                    set_aside(path, "damaged-")  # kept for inspection, never listed, counted or resumed again
                 continue
             if damaged:
                 log.warning("resuming from %s, the newest intact checkpoint", path)
+            self._barrier()  # every rank has read its files before any is moved
+            if self.is_main:
+                for bad, _ in damaged:  # kept for inspection; never listed, rotated or resumed again
+                    set_aside(bad, "damaged-")
             self._apply_checkpoint(path, loaded)
             return path
         if damaged:
             hint = "" if resume in ("latest", "auto") else " (resume_from_checkpoint latest tries the older ones)"
-            raise IcrmError("no intact checkpoint to resume from: " + "; ".join(damaged) + hint)
+            raise IcrmError("no intact checkpoint to resume from: " + "; ".join(f"{p}: {why}" for p, why in damaged) + hint)
         return None
 
     def _read_checkpoint(self, path: str) -> dict:

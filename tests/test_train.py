@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -265,7 +266,16 @@ def _save_killed_at(trainer, kill_at: int) -> int | None:
         os.write(write_fd, str(count).encode())
         os._exit(0)
     os.close(write_fd)
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + 120
+    while True:  # bounded wait: a child stuck after fork fails the test instead of hanging it
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked save did not finish within 120 s")
+        time.sleep(0.01)
     with os.fdopen(read_fd) as fh:
         reported = fh.read()
     if kill_at:
