@@ -152,7 +152,7 @@ def load_causal_lm(name_or_path: str, tokenizer, *, seed: int = 0) -> nn.Module:
     causal-LM folder, or a sequence-classification folder (loaded as such: its ``score`` head
     becomes the value head's init, and it has no LM head)."""
     if name_or_path != BUILTIN_MODEL:
-        check_model_source(name_or_path)
+        check_model_source(name_or_path, "model path")  # also the generator's: callers name the field
     if name_or_path == BUILTIN_MODEL or name_or_path.endswith(".json"):
         config = tiny_config(tokenizer) if name_or_path == BUILTIN_MODEL else AutoConfig.from_pretrained(name_or_path)
         with torch.random.fork_rng(devices=[]):
