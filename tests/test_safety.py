@@ -91,6 +91,27 @@ def test_score_bad_input_keeps_the_existing_output(tmp_path, model_dir, capsys, 
     assert out.read_text() == "earlier results\n"
 
 
+def test_score_crash_midway_keeps_the_existing_output(tmp_path, model_dir, monkeypatch):
+    import icrm.train
+
+    out = tmp_path / "out.jsonl"
+    out.write_text("earlier results\n")
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "sort : 2 1", "response": "1 2"}] * 3)
+    real, calls = icrm.train._score_inputs, []
+
+    def crash_on_third(row, tokenizer):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed mid-way")
+        return real(row, tokenizer)
+
+    monkeypatch.setattr(icrm.train, "_score_inputs", crash_on_third)
+    with pytest.raises(RuntimeError, match="killed mid-way"):
+        main(["score", "--model", model_dir, "--input", src, "--output", str(out)])
+    assert out.read_text() == "earlier results\n"
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl"]  # no temporary file left
+
+
 def test_atomic_path_keeps_the_old_file_on_failure(tmp_path):
     target = tmp_path / "result.json"
     target.write_text("old")
