@@ -10,6 +10,10 @@ Subcommands::
 
 ``train`` and ``sft`` take every :class:`~icrm.config.RewardConfig` field as ``--field``;
 YAML values come first, command-line values override them.
+
+A fault the user can fix ends the command with one line, ``icrm: error: <message>``, and
+exit code 2 (as argparse does); ``--debug`` (or ``ICRM_DEBUG=1``) shows the traceback instead.
+Warnings print as ``icrm: warning: <message>``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 
@@ -45,6 +50,8 @@ def config_from_args(ns: argparse.Namespace) -> RewardConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icrm", description="ICRM reward-model training (arXiv 2506.09096) on icrm_kernels.")
+    parser.add_argument("--debug", action="store_true", default=os.environ.get("ICRM_DEBUG", "") not in ("", "0"),
+                        help="show the traceback of an error (also: ICRM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sft,eval,score,export}")
     _config_parser(sub, "train", "train a reward model (default: the tiny built-in job, ICRM vs Bradley-Terry)",
                    "Train an ICRM reward model. With no arguments: SFT the tiny built-in generator on the shipped "
@@ -67,28 +74,53 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sc.add_argument("--model", required=True, help="a reward-model folder")
     sc.add_argument("--input", required=True, help="JSONL with 'prompt' + 'response' (or 'chosen'/'rejected' pairs, or 'messages')")
-    sc.add_argument("--output", default="-", help="output JSONL ('-': stdout)")
+    sc.add_argument("--output", default="-", help="output JSONL ('-': stdout); written in full or not at all")
     sc.add_argument("--max_length", type=int, default=RewardConfig.__dataclass_fields__["max_length"].default)
     sc.add_argument("--kernels", default="auto", choices=("auto", "triton", "reference"))
 
     ex = sub.add_parser("export", help="save as a Hugging Face <Arch>ForSequenceClassification folder",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ex.add_argument("--model", required=True, help="a reward-model folder")
-    ex.add_argument("--output", required=True, help="destination folder (loadable with AutoModelForSequenceClassification)")
+    ex.add_argument("--output", required=True, help="destination folder, new or empty (loadable with AutoModelForSequenceClassification)")
     return parser
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it is swapped under test capture)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
+    logger = logging.getLogger("icrm")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("icrm: warning: %(message)s"))  # the package logs warnings only
+        logger.addHandler(handler)
     try:
         if ns.command == "train":
             from .train import run_main_job
 
             run_main_job(config_from_args(ns))
         elif ns.command == "sft":
+            from .checkpoint import prepare_output_dir
             from .train import SFTTrainer
 
-            trainer = SFTTrainer(args=config_from_args(ns))
+            cfg = config_from_args(ns)
+            # Checked before the model is built; train() repeats it and applies overwrite_output_dir.
+            prepare_output_dir(cfg.output_dir, resuming=bool(cfg.resume_from_checkpoint),
+                               overwrite=cfg.overwrite_output_dir, apply=False)
+            trainer = SFTTrainer(args=cfg)
             result = trainer.train()
             print(json.dumps({**result, "model_dir": trainer.save_model()}))
         elif ns.command == "eval":
@@ -101,12 +133,21 @@ def main(argv=None) -> int:
 
             score_file(ns.model, ns.input, ns.output, max_length=ns.max_length, backend=ns.kernels)
         elif ns.command == "export":
+            from .io_safety import IcrmError, atomic_path, refuse_same_file
             from .model import export_sequence_classification, load_reward_model
 
+            refuse_same_file(ns.model, ns.output, "--output")
+            if os.path.exists(ns.output) and (not os.path.isdir(ns.output) or os.listdir(ns.output)):
+                raise IcrmError(f"--output {ns.output} exists and is not an empty folder; choose a new folder")
             rm, tokenizer = load_reward_model(ns.model, backend="reference")
-            print(export_sequence_classification(rm, tokenizer, ns.output))
-    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
-        print(f"icrm {ns.command}: error: {exc}", file=sys.stderr)
+            with atomic_path(ns.output, directory=True) as tmp:
+                export_sequence_classification(rm, tokenizer, tmp)
+            print(ns.output)
+    except (ValueError, OSError, NotImplementedError) as exc:  # IcrmError is a ValueError
+        if ns.debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"icrm: error: {message}", file=sys.stderr)
         return 2
     return 0
 

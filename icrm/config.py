@@ -19,6 +19,8 @@ import yaml
 
 from icrm_kernels.consistency.reference import KINDS as CONSISTENCY_KINDS
 
+from .io_safety import IcrmError, first_line
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -45,6 +47,7 @@ TRL_FIXED = {
     "eval_on_start": (False,),
     "gradient_checkpointing_kwargs": (None, {"use_reentrant": False}),  # icrm's checkpointing is non-reentrant
 }
+NONFINITE_POLICIES = ("error", "skip")
 
 
 def _help(text: str, **kw) -> Any:
@@ -107,7 +110,14 @@ class RewardConfig:
     save_steps: int | float = _help("With save_strategy steps: checkpoint every this many optimizer steps (< 1: that "
                                     "fraction of them; 0: only at the end).", default=0)
     save_total_limit: int = _help("Keep the last this many checkpoints (>= 1).", default=2)
-    resume_from_checkpoint: str | None = _help("A checkpoint folder, or 'latest' for the newest one in output_dir.", default=None)
+    resume_from_checkpoint: str | None = _help(
+        "A checkpoint folder; 'latest': the newest intact one in output_dir (an error if there is none); "
+        "'auto': the same, or start fresh when there is none.", default=None)
+    overwrite_output_dir: bool = _help(
+        "Start afresh in an output_dir that holds a previous run: delete that run's checkpoint-N/, final/, "
+        "metrics.jsonl, training.png and summary.json (nothing else). Off: such a folder is refused.", default=False)
+    on_nonfinite: str = _help(f"A non-finite loss or gradient: 'error' stops the run, 'skip' drops that update "
+                              f"(counted in metrics as skipped_steps). One of {NONFINITE_POLICIES}.", default="error")
     report_to: list[str] | None = _help(f"Also log metrics to these (of {REPORTERS}; 'none' or null: only metrics.jsonl).",
                                         default=None)
     # --- ICRM (ours) --------------------------------------------------------------------
@@ -167,7 +177,7 @@ class RewardConfig:
         for name, choices in (("consistency_kind", CONSISTENCY_KINDS), ("baseline", BASELINES),
                               ("kernels", KERNEL_BACKENDS), ("lr_scheduler_type", SCHEDULERS),
                               ("eval_strategy", STRATEGIES), ("save_strategy", STRATEGIES),
-                              ("max_length_policy", MAX_LENGTH_POLICIES)):
+                              ("max_length_policy", MAX_LENGTH_POLICIES), ("on_nonfinite", NONFINITE_POLICIES)):
             if getattr(self, name) not in choices and not (name == "baseline" and self.baseline is None):
                 raise ValueError(f"{name} must be one of {tuple(choices)}, got {getattr(self, name)!r}")
         for name in ("model_name_or_path", "train_file", "output_dir"):
@@ -223,10 +233,22 @@ class RewardConfig:
 
     @classmethod
     def from_yaml(cls, path: str, overrides: dict[str, Any] | None = None) -> "RewardConfig":
-        with open(path) as fh:
-            values = yaml.safe_load(fh) or {}
+        if os.path.isdir(path):
+            raise IcrmError(f"config file {path} is a folder; expected a YAML file")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                values = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise IcrmError(f"config file {path} does not exist") from None
+        except UnicodeDecodeError as exc:
+            raise IcrmError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or first_line(exc)
+            raise IcrmError(f"config file {path}: YAML syntax error{where}: {problem}") from None
         if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a mapping of field: value, got {type(values).__name__}")
+            raise IcrmError(f"config file {path} must hold a mapping of field: value, got {type(values).__name__}")
         values.update(overrides or {})
         return cls.from_dict(values)
 

@@ -15,7 +15,9 @@ are, by ``max_length_policy``, either truncated (the response is cut and EOS put
 last token; a pair whose prompt leaves no room for a response token and EOS is dropped) or
 dropped, as TRL does; both are counted and warned about. Bad rows (missing field, empty
 response, wrong type) are skipped and counted, the first few listed; a file that is not valid
-JSON(L) fails with the line number.
+JSON(L) or not UTF-8 fails with the file name and line number. Pairs whose two sides are the
+same token sequence (a tie: the Bradley-Terry loss is ln 2 whatever the model) and text the
+tokenizer mostly maps to its unknown token are kept, with a warning that gives the counts.
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .io_safety import IcrmError, first_line
+
 IGNORE_INDEX = -100
+#: Warn when more than this share of a dataset's tokens are the tokenizer's unknown token.
+UNK_WARN_SHARE = 0.05
 log = logging.getLogger("icrm")
 
 
@@ -42,6 +48,9 @@ class DataStats:
     bad: int = 0
     truncated: int = 0
     dropped_too_long: int = 0
+    identical: int = 0
+    tokens: int = 0
+    unknown_tokens: int = 0
     examples_of_bad: list[str] = field(default_factory=list)
 
     def note_bad(self, where: str, reason: str) -> None:
@@ -60,18 +69,35 @@ class DataStats:
 # ------------------------------------------------------------------------------------------
 # Reading files
 
+def _decode(path: str, raw: bytes, start_line: int = 1) -> str:
+    """UTF-8 text of ``raw`` (a BOM allowed); a bad byte is reported with its file and line."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = start_line + raw.count(b"\n", 0, exc.start)
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise IcrmError(f"{path} is not UTF-8 text: line {line}, column {column}: byte 0x{raw[exc.start]:02x} "
+                        f"({exc.reason}); re-save the file as UTF-8") from None
+
+
 def read_rows(path: str) -> list[dict]:
     """Rows of a ``.jsonl`` / ``.json`` / ``.parquet`` file as dicts."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path} does not exist")
+    if os.path.isdir(path):
+        raise IcrmError(f"data file {path} is a folder; expected a .jsonl, .json or .parquet file")
     lower = path.lower()
     if lower.endswith(".parquet"):
+        import pyarrow
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pyarrow.ArrowException, OSError) as exc:
+            raise IcrmError(f"{path} is not a readable Parquet file ({first_line(exc)})") from None
     if lower.endswith(".json"):
-        with open(path) as fh:
-            text = fh.read()
+        with open(path, "rb") as fh:
+            text = _decode(path, fh.read())
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -83,8 +109,8 @@ def read_rows(path: str) -> list[dict]:
         if not isinstance(data, list):
             raise ValueError(f"{path} must hold a JSON list of rows (or {{'data': [...]}}), got {type(data).__name__}")
         return data
-    with open(path) as fh:
-        return _json_lines(path, fh)
+    with open(path, "rb") as fh:
+        return _json_lines(path, (_decode(path, raw, lineno) for lineno, raw in enumerate(fh, start=1)))
 
 
 def _json_lines(path: str, lines) -> list:
@@ -224,6 +250,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 self.stats.dropped_too_long += 1
                 continue
             self.stats.truncated += int(c[2] or r[2])
+            self.stats.identical += int(c[0] == r[0])
+            self.stats.tokens += len(c[0]) + len(r[0])
+            self.stats.unknown_tokens += sum(t == tokenizer.unk_token_id for t in c[0] + r[0])
             self.examples.append(PreferenceExample(c[0], c[1], r[0], r[1], margin))
             margins.append(margin is not None)
         if any(margins) and not all(margins):
@@ -233,6 +262,15 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.pad_token_id = tokenizer.pad_token_id
         if self.stats.bad or self.stats.dropped_too_long or self.stats.truncated:
             log.warning("%s: %s", name, self.stats.summary())
+        if tokenizer.unk_token_id is not None and self.stats.unknown_tokens > UNK_WARN_SHARE * self.stats.tokens:
+            log.warning("%s: %d of %d tokens (%.0f%%) are the unknown token %r: the tokenizer does not cover this "
+                        "text (the built-in 'tiny' one knows only the sorting task's words); set model_name_or_path "
+                        "/ tokenizer_name_or_path to a model made for it", name, self.stats.unknown_tokens,
+                        self.stats.tokens, 100 * self.stats.unknown_tokens / max(1, self.stats.tokens), tokenizer.unk_token)
+        if self.stats.identical:
+            log.warning("%s: %d of %d pairs have chosen == rejected after tokenization: ties that teach nothing "
+                        "(Bradley-Terry loss ln 2) and count as wrong in accuracy", name, self.stats.identical,
+                        self.stats.kept)
         if not self.examples:
             raise ValueError(f"{name}: no usable preference rows ({self.stats.summary()})")
 

@@ -28,6 +28,7 @@ from transformers import (
 from icrm_kernels import linear_logprobs, linear_logprobs_and_rewards
 
 from .config import BUILTIN_MODEL
+from .io_safety import IcrmError, check_model_source, first_line
 
 RM_CONFIG_NAME = "icrm_reward_model.json"
 RM_WEIGHTS_NAME = "model.safetensors"
@@ -82,7 +83,12 @@ def load_tokenizer(tokenizer_name_or_path: str | None, model_name_or_path: str):
         if random_init or folder_without_tokenizer:
             return build_tiny_tokenizer()
         path = model_name_or_path
-    tokenizer = load_tokenizer_folder(path)
+    field = "tokenizer_name_or_path" if tokenizer_name_or_path else "model_name_or_path"
+    check_model_source(path, field)
+    try:
+        tokenizer = load_tokenizer_folder(path)
+    except OSError as exc:
+        raise IcrmError(f"{field} {path}: no tokenizer there, locally or on the hub ({first_line(exc)})") from None
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer at {path} has no eos_token; the trainer appends EOS to every response")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -145,6 +151,8 @@ def load_causal_lm(name_or_path: str, tokenizer, *, seed: int = 0) -> nn.Module:
     """The starting model in fp32: built-in tiny (random init), a config.json (random init), a
     causal-LM folder, or a sequence-classification folder (loaded as such: its ``score`` head
     becomes the value head's init, and it has no LM head)."""
+    if name_or_path != BUILTIN_MODEL:
+        check_model_source(name_or_path, "model path")  # also the generator's: callers name the field
     if name_or_path == BUILTIN_MODEL or name_or_path.endswith(".json"):
         config = tiny_config(tokenizer) if name_or_path == BUILTIN_MODEL else AutoConfig.from_pretrained(name_or_path)
         with torch.random.fork_rng(devices=[]):
@@ -152,8 +160,11 @@ def load_causal_lm(name_or_path: str, tokenizer, *, seed: int = 0) -> nn.Module:
             model = AutoModelForCausalLM.from_config(config)
     else:  # a local folder, or a hub id where the machine can download
         classifier = is_sequence_classification(name_or_path)
-        model = (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_pretrained(
-            name_or_path, dtype=torch.float32)
+        try:
+            model = (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_pretrained(
+                name_or_path, dtype=torch.float32)
+        except OSError as exc:
+            raise IcrmError(f"model {name_or_path}: no model there, locally or on the hub ({first_line(exc)})") from None
         if classifier and model.config.pad_token_id == tokenizer.eos_token_id:
             warnings.warn(f"{name_or_path}: the classifier's pad token is its EOS (TRL's default when a tokenizer has no "
                           "pad), so HF and TRL read its reward at the token before EOS; icrm reads it at EOS (after "

@@ -10,8 +10,11 @@ accumulation and clipping, tqdm, ``metrics.jsonl``, a loss/accuracy PNG, DDP und
 Checkpoint ``checkpoint-<step>/``: ``model.safetensors`` (full weights, or with LoRA the
 adapters + value head + head copy), ``config.json`` + tokenizer, ``optimizer.pt``,
 ``scheduler.pt``, ``rng_state_<rank>.pt``, ``trainer_state.json`` (step, epoch, batch
-position, EMA S of every rank, log history). It is written into ``tmp-checkpoint-*`` and
-renamed into place, so a killed run never leaves a partial ``checkpoint-<step>``.
+position, EMA S of every rank, log history) and ``checksums.json``, written last. It is
+written into ``tmp-checkpoint-*`` and renamed into place, so a killed run never leaves a
+partial ``checkpoint-<step>``; resume verifies the checksums and falls back to the newest
+intact checkpoint (see :mod:`icrm.checkpoint`). A non-finite loss or gradient stops the run
+(or skips the update with ``on_nonfinite: skip``); a non-finite model is never saved.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import random
@@ -35,17 +39,21 @@ from tqdm.auto import tqdm
 
 from icrm_kernels import linear_logprobs
 
-from .config import RewardConfig, resolve_steps
+from .checkpoint import (
+    CHECKPOINT_PREFIX, TRAINER_STATE, checkpoint_step, list_checkpoints, prepare_output_dir, promote,
+    remove_leftovers, resume_candidates, set_aside, verify_checkpoint, write_manifest,
+)
+from .config import BUILTIN_MODEL, RewardConfig, resolve_steps
 from .data import IGNORE_INDEX, PreferenceDataset, collate_pairs, collate_sft, epoch_batches
 from .model import (
     RM_CONFIG_NAME, Generator, RewardModel, apply_lora, check_packing_support, decoder_of,
     enable_activation_checkpointing, fit_to_tokenizer, last_hidden, load_causal_lm, load_tokenizer, load_with_aliases,
     save_reward_model, save_tokenizer, shifted_targets, without_aliases,
 )
+from .io_safety import IcrmError, atomic_path, check_model_source, first_line, fsync_tree, refuse_same_file
 from .objective import INITIAL_SMOOTH_WEIGHT, icrm_loss
 
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINER_STATE = "trainer_state.json"
+log = logging.getLogger("icrm")
 
 
 # ------------------------------------------------------------------------------------------
@@ -81,24 +89,22 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def list_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoints in ``output_dir``, oldest first (tmp dirs are never listed)."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit() \
-                and os.path.exists(os.path.join(path, TRAINER_STATE)):
-            found.append((int(name[len(CHECKPOINT_PREFIX):]), path))
-    return [p for _, p in sorted(found)]
+def _resumes_in(resume: str | None, output_dir: str) -> bool:
+    """Whether ``resume`` continues the run in ``output_dir`` (then its files are this run's past)."""
+    if not resume:
+        return False
+    if resume == "auto":  # with nothing to resume, 'auto' is a fresh run and follows its rules
+        return bool(list_checkpoints(output_dir))
+    if resume == "latest":
+        return True
+    return os.path.realpath(os.path.dirname(os.path.normpath(resume))) == os.path.realpath(output_dir)
 
 
-def _fsync_tree(path: str) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as fh:
-                os.fsync(fh.fileno())
+def check_finite_model(model: torch.nn.Module) -> None:
+    """Raise naming the first parameter holding NaN/inf: such a model is never saved."""
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise IcrmError(f"the model's {name} holds non-finite values; not saving it")
 
 
 def lr_lambda(kind: str, warmup_steps: int, total_steps: int, num_cycles: float = 0.5, min_lr_rate: float = 0.0):
@@ -160,6 +166,8 @@ class _Trainer:
                 raise ValueError("report_to: tensorboard needs the tensorboard package (pip install tensorboard)") from None
             self.tensorboard = SummaryWriter(os.path.join(args.output_dir, "runs"))
         self.global_step, self.epoch, self.batch_in_epoch, self.num_tokens = 0, 0, 0, 0
+        self.skipped_steps = 0  # optimizer updates dropped for a non-finite loss/gradient
+        self._saved_step = None  # the step the newest checkpoint of this run (or its resume point) holds
         self.log_history: list[dict] = []
         self.smooth_weight = INITIAL_SMOOTH_WEIGHT
 
@@ -244,6 +252,11 @@ class _Trainer:
     # --- the loop -----------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | None = None) -> dict:
         args = self.args
+        resume = resume_from_checkpoint or args.resume_from_checkpoint
+        # Every rank checks (same answer, no rank left waiting at a barrier); rank 0 deletes.
+        prepare_output_dir(args.output_dir, resuming=_resumes_in(resume, args.output_dir),
+                           overwrite=args.overwrite_output_dir, apply=self.is_main)
+        self._barrier()
         if self.train_dataset is None:
             raise ValueError("train_dataset is None; pass one to the trainer")
         set_seed(args.seed)
@@ -251,14 +264,17 @@ class _Trainer:
         logging_steps, eval_steps, save_steps = (resolve_steps(getattr(args, f"{n}_steps"), total_steps)
                                                  for n in ("logging", "eval", "save"))
         self._build_optimizer(total_steps)
-        resume = resume_from_checkpoint or args.resume_from_checkpoint
         if resume:
             self._load_checkpoint(resume)
+        if self.is_main:  # the resumed history, once: replayed steps are not appended twice
+            with atomic_path(os.path.join(args.output_dir, "metrics.jsonl")) as tmp, open(tmp, "w") as fh:
+                fh.writelines(json.dumps(record) + "\n" for record in self.log_history)
         self.model.train()
         accum = args.gradient_accumulation_steps
         bar = tqdm(total=total_steps, initial=self.global_step, desc=type(self).__name__, disable=not self.is_main,
                    dynamic_ncols=True)
         window: dict[str, list[float]] = {}
+        step_metrics: list[dict[str, float]] = []  # this optimizer step's micro-batches
         tokens_in_window, t_window = 0, time.perf_counter()
         micro, epochs_done = 0, self.epoch
         while self.global_step < total_steps:
@@ -269,30 +285,40 @@ class _Trainer:
             indices = batches[self.batch_in_epoch]
             batch = self._to_device(self.collate([self.train_dataset[i] for i in indices], self.tokenizer.pad_token_id,
                                                  packed=args.padding_free))
+            if micro % accum == 0:
+                smooth_before = self.smooth_weight  # restored if this update is skipped
             micro += 1
             last_micro = micro % accum == 0
-            metrics = self.training_step(batch, accum=accum, sync=last_micro)
+            step_metrics.append(self.training_step(batch, accum=accum, sync=last_micro))
             self.batch_in_epoch += 1
             tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             tokens_in_window += tokens
             self.num_tokens += tokens * self.world_size
-            for k, v in metrics.items():
-                window.setdefault(k, []).append(v)
             if not last_micro:
                 continue
-            grad_norm = self._optimizer_step()
+            grad_norm = self._optimizer_step(all(math.isfinite(m["loss"]) for m in step_metrics))
+            if grad_norm is None:
+                self.smooth_weight = smooth_before
+            else:
+                for metrics in step_metrics:
+                    for k, v in metrics.items():
+                        window.setdefault(k, []).append(v)
+            step_metrics = []
             self.global_step += 1
             bar.update(1)
             if self.global_step % logging_steps == 0 or self.global_step == total_steps:
                 elapsed = time.perf_counter() - t_window
                 record = {k: sum(v) / len(v) for k, v in window.items()}
-                record["grad_norm"] = grad_norm
+                if grad_norm is not None:  # a skipped update has none (every rank skips together)
+                    record["grad_norm"] = grad_norm
                 record["tokens_per_s"] = tokens_in_window / max(elapsed, 1e-9)
                 record = self._reduce_mean(record)
                 record["tokens_per_s"] *= self.world_size
                 record.update(step=self.global_step, epoch=self.epoch + self.batch_in_epoch / max(1, len(batches)),
                               lr=self.scheduler.get_last_lr()[0], num_tokens=self.num_tokens,
                               peak_mem_gb=peak_memory_gb(self.device))
+                if self.skipped_steps:
+                    record["skipped_steps"] = self.skipped_steps
                 self._log(record)
                 bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "accuracy") if k in record})
                 window, tokens_in_window, t_window = {}, 0, time.perf_counter()
@@ -307,10 +333,11 @@ class _Trainer:
                     or (args.save_strategy == "epoch" and epoch_end):
                 self.save_checkpoint()
         bar.close()
-        checkpoints = list_checkpoints(args.output_dir)
-        if args.save_strategy != "no" and (not checkpoints or not checkpoints[-1].endswith(f"-{self.global_step}")):
+        if args.save_strategy != "no" and self._saved_step != self.global_step:
             self.save_checkpoint()
         result = {"step": self.global_step}
+        if self.skipped_steps:
+            result["skipped_steps"] = self.skipped_steps
         if self.eval_dataset is not None:
             result.update(self.evaluate())
             self._log({"step": self.global_step, **result})
@@ -332,12 +359,33 @@ class _Trainer:
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return metrics
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self, loss_finite: bool = True) -> float | None:
+        """Clip, step, schedule; the gradient norm, or None when the update was skipped
+        (``on_nonfinite: skip``) for a non-finite loss or gradient."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        # Under fp16 the scaler skips inf/NaN gradients by design; only the loss is checked there.
+        finite = loss_finite and (self.scaler is not None or math.isfinite(grad_norm))
+        if self.world_size > 1:  # losses are per rank: every rank must take the same decision
+            flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+            dist.all_reduce(flag)
+            finite = float(flag) == 0.0
+        if not finite:
+            step = self.global_step + 1
+            if self.args.on_nonfinite == "error":
+                newest = list_checkpoints(self.args.output_dir)
+                raise IcrmError(
+                    f"non-finite loss or gradient at step {step} (grad_norm {grad_norm}); stopped before the update, "
+                    f"nothing saved from it (newest checkpoint: {newest[-1] if newest else 'none'}). Lower "
+                    "learning_rate, check the data, or set on_nonfinite: skip")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()  # the schedule follows the step count, skipped or not
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", step, self.skipped_steps)
+            return None
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -350,7 +398,6 @@ class _Trainer:
     def _log(self, record: dict) -> None:
         self.log_history.append(record)
         if self.is_main:
-            os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, "metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
@@ -386,13 +433,15 @@ class _Trainer:
             ax_acc.set_ylim(0, 1), ax_acc.set_xlabel("step"), ax_acc.set_title("pairwise accuracy"), ax_acc.legend()
         fig.tight_layout()
         path = os.path.join(self.args.output_dir, "training.png")
-        fig.savefig(path, dpi=100)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
         plt.close(fig)
         return path
 
     # --- checkpoints --------------------------------------------------------------------
     def save_checkpoint(self) -> str:
-        """Write ``checkpoint-<step>`` atomically (tmp dir + rename) and keep the last k."""
+        """Write ``checkpoint-<step>`` atomically (tmp dir, manifest last, rename) and keep the last k."""
+        check_finite_model(self.model)
         out = self.args.output_dir
         final = os.path.join(out, f"{CHECKPOINT_PREFIX}{self.global_step}")
         tmp = os.path.join(out, f"tmp-{CHECKPOINT_PREFIX}{self.global_step}")
@@ -418,25 +467,18 @@ class _Trainer:
                 torch.save(self.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
             state = {"global_step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                      "num_tokens": self.num_tokens, "smooth_weight": smooth, "world_size": self.world_size,
-                     "log_history": self.log_history, "config": self.args.to_dict()}
+                     "skipped_steps": self.skipped_steps, "log_history": self.log_history, "config": self.args.to_dict()}
             with open(os.path.join(tmp, TRAINER_STATE), "w") as fh:
                 json.dump(state, fh, indent=1)
         self._barrier()
         if self.is_main:
-            _fsync_tree(tmp)
-            if os.path.exists(final):  # re-saving a step after resume: swap the old one out first
-                trash = final + ".old"
-                shutil.rmtree(trash, ignore_errors=True)
-                os.replace(final, trash)
-                os.replace(tmp, final)
-                shutil.rmtree(trash)
-            else:
-                os.replace(tmp, final)
+            write_manifest(tmp)  # last: a checkpoint with a valid manifest is complete
+            fsync_tree(tmp)
+            promote(tmp, final)
             for old in list_checkpoints(out)[: -self.args.save_total_limit]:
                 shutil.rmtree(old)
-            for name in os.listdir(out):  # leftovers of a run killed mid-save
-                if name.startswith(f"tmp-{CHECKPOINT_PREFIX}") or (name.startswith(CHECKPOINT_PREFIX) and name.endswith(".old")):
-                    shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+            remove_leftovers(out)
+        self._saved_step = self.global_step
         self._barrier()
         return final
 
@@ -444,34 +486,97 @@ class _Trainer:
         if self.world_size > 1:
             dist.barrier()
 
-    def _load_checkpoint(self, path: str) -> None:
-        if path == "latest":
-            found = list_checkpoints(self.args.output_dir)
-            if not found:
-                return  # nothing to resume: start fresh
-            path = found[-1]
-        if not os.path.exists(os.path.join(path, TRAINER_STATE)):
-            raise ValueError(f"resume_from_checkpoint: {path} is not a complete checkpoint (no {TRAINER_STATE})")
-        with open(os.path.join(path, TRAINER_STATE)) as fh:
-            state = json.load(fh)
-        self._load_model_state(load_file(os.path.join(path, "model.safetensors"), device=str(self.device)))
-        self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device, weights_only=False))
-        self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
-        if self.scaler and os.path.exists(os.path.join(path, "scaler.pt")):
-            self.scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=False))
+    def _load_checkpoint(self, resume: str) -> str | None:
+        """Restore from ``resume`` (a folder, ``latest`` or ``auto``); the folder used, or None.
+
+        A checkpoint whose manifest or files do not check out is named in a warning and the
+        next older one is tried; with none intact the run stops.
+        """
+        damaged = []
+        for path in resume_candidates(resume, self.args.output_dir):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                try:
+                    loaded = self._read_checkpoint(path)
+                except IcrmError as exc:
+                    problem = str(exc)
+            if problem is not None:
+                damaged.append((path, problem))
+                log.warning("checkpoint %s is damaged: %s", path, problem)
+                continue
+            if damaged:
+                log.warning("resuming from %s, the newest intact checkpoint", path)
+            self._barrier()  # every rank has read its files before any is moved
+            if self.is_main:
+                for bad, _ in damaged:  # kept for inspection; never listed, rotated or resumed again
+                    set_aside(bad, "damaged-")
+            self._apply_checkpoint(path, loaded)
+            return path
+        if damaged:
+            hint = "" if resume in ("latest", "auto") else " (resume_from_checkpoint latest tries the older ones)"
+            raise IcrmError("no intact checkpoint to resume from: " + "; ".join(f"{p}: {why}" for p, why in damaged) + hint)
+        return None
+
+    def _read_checkpoint(self, path: str) -> dict:
+        """Every file of a checkpoint, read before anything is restored; a bad one is named."""
+
+        def read(name, loader):
+            full = os.path.join(path, name)
+            try:
+                return loader(full)
+            except Exception as exc:  # noqa: BLE001  (any reader failure means a damaged file)
+                raise IcrmError(f"{full} cannot be read ({first_line(exc)})") from None
+
+        def load_json(full):
+            with open(full) as fh:
+                return json.load(fh)
+
+        state = read(TRAINER_STATE, load_json)
+        missing = {"global_step", "epoch", "batch_in_epoch", "num_tokens", "smooth_weight", "log_history"} - set(state)
+        if missing:
+            raise IcrmError(f"{os.path.join(path, TRAINER_STATE)} lacks {sorted(missing)}")
+        model = read("model.safetensors", lambda f: load_file(f, device=str(self.device)))
+        bad = [k for k, v in model.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise IcrmError(f"{os.path.join(path, 'model.safetensors')} holds non-finite values in {bad[0]}")
+        loaded = {"state": state, "model": model,
+                  "optimizer": read("optimizer.pt", lambda f: torch.load(f, map_location=self.device, weights_only=False)),
+                  "scheduler": read("scheduler.pt", lambda f: torch.load(f, weights_only=False))}
+        for key, name in (("scaler", "scaler.pt"), ("rng", f"rng_state_{self.rank}.pt")):
+            if os.path.exists(os.path.join(path, name)):
+                loaded[key] = read(name, lambda f: torch.load(f, weights_only=False))
+        return loaded
+
+    def _apply_checkpoint(self, path: str, loaded: dict) -> None:
+        try:
+            self._load_model_state(loaded["model"])
+            self.optimizer.load_state_dict(loaded["optimizer"])
+            self.scheduler.load_state_dict(loaded["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise IcrmError(f"checkpoint {path} does not fit this model/config: {first_line(exc)}") from None
+        if self.scaler and "scaler" in loaded:
+            self.scaler.load_state_dict(loaded["scaler"])
+        state = loaded["state"]
         self.global_step, self.epoch = state["global_step"], state["epoch"]
         self.batch_in_epoch, self.num_tokens = state["batch_in_epoch"], state["num_tokens"]
+        self.skipped_steps = state.get("skipped_steps", 0)
         self.log_history = list(state["log_history"])
         smooth = state["smooth_weight"]
         self.smooth_weight = smooth[self.rank] if len(smooth) == self.world_size else smooth[0]
-        rng_path = os.path.join(path, f"rng_state_{self.rank}.pt")
-        if os.path.exists(rng_path):
-            rng = torch.load(rng_path, weights_only=False)
+        if "rng" in loaded:
+            rng = loaded["rng"]
             random.setstate(rng["python"])
             np.random.set_state(rng["numpy"])
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+        if os.path.realpath(os.path.dirname(os.path.normpath(path))) == os.path.realpath(self.args.output_dir):
+            self._saved_step = self.global_step  # that checkpoint is already in output_dir
+            # Newer checkpoints belong to the timeline this resume abandons: `latest` must not
+            # pick them after a later kill, and they must not be rotated as if they were ours.
+            for newer in list_checkpoints(self.args.output_dir):
+                if checkpoint_step(newer) > self.global_step and self.is_main:
+                    set_aside(newer, "superseded-")
 
 
 # ------------------------------------------------------------------------------------------
@@ -595,8 +700,10 @@ class RewardTrainer(_Trainer):
     def save_model(self, output_dir: str | None = None) -> str:
         """Save the reward model (full, LoRA merged) for ``icrm eval / score / export``."""
         output_dir = output_dir or os.path.join(self.args.output_dir, "final")
+        check_finite_model(self.model)
         if self.is_main:
-            save_reward_model(self.model, self.tokenizer, output_dir, extra={"config": self.args.to_dict()})
+            with atomic_path(output_dir, directory=True) as tmp:
+                save_reward_model(self.model, self.tokenizer, tmp, extra={"config": self.args.to_dict()})
         self._barrier()
         return output_dir
 
@@ -697,9 +804,11 @@ class SFTTrainer(_Trainer):
     def save_model(self, output_dir: str | None = None) -> str:
         """Save as a Hugging Face causal-LM folder (+ tokenizer): the generator / RM init."""
         output_dir = output_dir or os.path.join(self.args.output_dir, "final")
+        check_finite_model(self.model)
         if self.is_main:
-            self.model.causal_lm.save_pretrained(output_dir)
-            save_tokenizer(self.tokenizer, output_dir)
+            with atomic_path(output_dir, directory=True) as tmp:
+                self.model.causal_lm.save_pretrained(tmp)
+                save_tokenizer(self.tokenizer, tmp)
         self._barrier()
         return output_dir
 
@@ -710,7 +819,7 @@ class SFTTrainer(_Trainer):
 def sft_args(cfg: RewardConfig, output_dir: str) -> RewardConfig:
     """The generator-SFT stage's config derived from the main config."""
     return cfg.replace(output_dir=output_dir, max_steps=cfg.sft_max_steps, learning_rate=cfg.sft_learning_rate,
-                       resume_from_checkpoint=cfg.resume_from_checkpoint and "latest")
+                       resume_from_checkpoint=cfg.resume_from_checkpoint and "auto")
 
 
 def run_main_job(cfg: RewardConfig, *, echo=print) -> dict:
@@ -724,6 +833,16 @@ def run_main_job(cfg: RewardConfig, *, echo=print) -> dict:
     is_main = int(os.environ.get("RANK", "0")) == 0
     if not is_main:
         echo = lambda *_: None  # noqa: E731  (one copy of the report under torchrun)
+    # Before any model is built: the folder is usable, holds no other run, the paths make sense.
+    resume = cfg.resume_from_checkpoint
+    prepare_output_dir(cfg.output_dir, resuming=bool(resume),
+                       overwrite=cfg.overwrite_output_dir, apply=is_main)
+    if resume == "latest" and not any(list_checkpoints(os.path.join(cfg.output_dir, s)) for s in ("sft", "icrm", "bt")):
+        raise IcrmError(f"resume_from_checkpoint latest: no checkpoint in {cfg.output_dir}/{{sft,icrm,bt}} "
+                        "(use 'auto' to resume when there is one and start fresh otherwise)")
+    for name in ("model_name_or_path", "generator_name_or_path", "tokenizer_name_or_path"):
+        if getattr(cfg, name) and getattr(cfg, name) != BUILTIN_MODEL:
+            check_model_source(getattr(cfg, name), name)
     base = cfg.model_name_or_path
     summary: dict = {"config": cfg.to_dict()}
     if cfg.run_sft and cfg.sft_max_steps > 0:
@@ -731,12 +850,15 @@ def run_main_job(cfg: RewardConfig, *, echo=print) -> dict:
         summary["sft"] = sft.train()
         base = sft.save_model()
         echo(f"[sft] generator saved to {base} (eval token NLL {summary['sft'].get('eval_loss', float('nan')):.3f})")
-    stages = [("icrm", cfg.replace(model_name_or_path=base, output_dir=os.path.join(cfg.output_dir, "icrm")))]
+    # A stage the previous attempt never reached starts fresh: 'auto' rather than 'latest'.
+    icrm_resume = "auto" if resume in ("latest", "auto") else resume
+    stages = [("icrm", cfg.replace(model_name_or_path=base, output_dir=os.path.join(cfg.output_dir, "icrm"),
+                                   resume_from_checkpoint=icrm_resume))]
     if cfg.compare_bt:
         # A checkpoint path given for the run belongs to the ICRM stage; the baseline resumes its own latest.
         stages.append(("bt", cfg.replace(model_name_or_path=base, output_dir=os.path.join(cfg.output_dir, "bt"),
                                          reg_ratio=0.0, sft_regularizer=False,
-                                         resume_from_checkpoint=cfg.resume_from_checkpoint and "latest")))
+                                         resume_from_checkpoint=cfg.resume_from_checkpoint and "auto")))
     for name, stage_cfg in stages:
         trainer = RewardTrainer(args=stage_cfg)
         summary[name] = trainer.train()
@@ -753,8 +875,7 @@ def run_main_job(cfg: RewardConfig, *, echo=print) -> dict:
         lines.append(f"  wall time {summary['wall_s']:.0f} s; outputs in {cfg.output_dir}")
         echo("\n".join(lines))
     if is_main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
+        with atomic_path(os.path.join(cfg.output_dir, "summary.json")) as tmp, open(tmp, "w") as fh:
             json.dump(summary, fh, indent=1)
     return summary
 
@@ -801,12 +922,17 @@ def score_file(model_dir: str, input_file: str, output_file: str = "-", *, max_l
     from .data import BadRow, read_rows, tokenize_pair
     from .model import load_reward_model
 
+    refuse_same_file(input_file, output_file)
+    rows = read_rows(input_file)  # a missing or malformed input fails here, before any output exists
     rm, tokenizer = load_reward_model(model_dir, backend=backend)
     rm.eval()
-    out = sys.stdout if output_file == "-" else open(output_file, "w")
     written = 0
-    try:
-        for index, row in enumerate(read_rows(input_file)):
+    with contextlib.ExitStack() as stack:
+        if output_file == "-":
+            out = sys.stdout
+        else:  # written beside the target, renamed into place only when every row is done
+            out = stack.enter_context(open(stack.enter_context(atomic_path(output_file)), "w"))
+        for index, row in enumerate(rows):
             record = {"index": index}
             try:
                 parts = _score_inputs(row, tokenizer)
@@ -826,7 +952,4 @@ def score_file(model_dir: str, input_file: str, output_file: str = "-", *, max_l
                 record[f"{name}_tokens"] = tokenizer.convert_ids_to_tokens(ids[prompt_len:])
             out.write(json.dumps(record) + "\n")
             written += 1
-    finally:
-        if out is not sys.stdout:
-            out.close()
     return written

@@ -215,8 +215,9 @@ def test_fine_tune_a_trl_model_keeps_its_score_head(trl_model, tmp_path, tok):
     base = dict(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8, logging_steps=1,
                 max_length=32, run_sft=False, compare_bt=False, kernels="reference", eval_file=None)
     expected = torch.tensor(_hf_pair_rewards(trl_model, tok, TRAIN_ROWS[:4]))
-    for model in (None, AutoModelForSequenceClassification.from_pretrained(str(trl_model))):  # a folder, an object
+    for run, model in enumerate((None, AutoModelForSequenceClassification.from_pretrained(str(trl_model)))):  # a folder, an object
         args = RewardConfig(**base, model_name_or_path=str(trl_model), reg_ratio=0.0, sft_regularizer=False)
+        args = args.replace(output_dir=str(tmp_path / f"run{run}"))  # a second run into one output_dir is refused
         trainer = RewardTrainer(model=model, args=args, train_dataset=TRAIN_ROWS[:16], processing_class=tok)
         batch = collate_pairs(PreferenceDataset(TRAIN_ROWS[:4], tok, 32).examples, tok.pad_token_id)
         with torch.no_grad():

@@ -2,10 +2,10 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -18,10 +18,10 @@ from icrm.config import DATA_DIR
 from icrm.data import PreferenceDataset, collate_pairs, read_rows
 from icrm.model import (
     RewardModel, apply_lora, build_tiny_tokenizer, export_sequence_classification, last_hidden, load_causal_lm,
-    load_reward_model, shifted_targets,
+    load_reward_model, shifted_targets, tiny_config,
 )
 from icrm.objective import sequence_rewards
-from icrm.train import list_checkpoints
+from icrm.checkpoint import list_checkpoints, verify_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_ROWS = read_rows(os.path.join(DATA_DIR, "sort_train.jsonl"))[:96]
@@ -158,9 +158,14 @@ def test_ten_step_run_loss_decreases(tmp_path):
 
 
 @pytest.mark.parametrize("use_peft", [False, True])
-def test_resume_continues_exactly(tmp_path, use_peft):
+def test_resume_continues_exactly(tmp_path, tok, use_peft):
+    """With dropout on (attention dropout, or LoRA dropout), so a resume that does not restore
+    the RNG state draws other masks and fails."""
+    config = tiny_config(tok)
+    config.attention_dropout = 0.0 if use_peft else 0.3
+    config.to_json_file(str(tmp_path / "tiny_dropout.json"))
     args = tiny_args(tmp_path, max_steps=6, save_steps=3, save_total_limit=3, output_dir=str(tmp_path / "a"),
-                     use_peft=use_peft, lora_r=4)
+                     use_peft=use_peft, lora_r=4, lora_dropout=0.3, model_name_or_path=str(tmp_path / "tiny_dropout.json"))
     full = RewardTrainer(args=args, train_dataset=TRAIN_ROWS[:40])  # 5 batches: crosses an epoch
     full.train()
     assert [os.path.basename(p) for p in list_checkpoints(args.output_dir)] == ["checkpoint-3", "checkpoint-6"]
@@ -228,66 +233,141 @@ def test_keep_last_k_and_resume_latest(tmp_path):
     assert not [n for n in os.listdir(args.output_dir) if n.startswith("tmp-") or n.endswith(".old")]
 
 
-def test_sigkill_mid_save_leaves_last_checkpoint_intact(tmp_path):
+#: Audit events that change the filesystem (``open`` counts when it opens for writing).
+_FS_CHANGES = {"os.rename", "os.remove", "os.rmdir", "os.mkdir", "os.truncate", "os.symlink", "os.link",
+               "shutil.rmtree", "shutil.copyfile", "shutil.copytree", "shutil.move"}
+
+
+def _changes_fs(event, args) -> bool:
+    if event == "open":
+        _, mode, flags = args
+        return bool((isinstance(mode, str) and set(mode) & set("wax+")) or (flags or 0) & (os.O_WRONLY | os.O_RDWR))
+    return event in _FS_CHANGES
+
+
+def _save_killed_at(trainer, kill_at: int) -> int | None:
+    """Run ``trainer.save_checkpoint()`` in a forked child that SIGKILLs itself just before its
+    ``kill_at``-th filesystem change (0: never). -> the number of changes a whole save makes,
+    or None when the child was killed. Independent of how the save names or moves things."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        count = 0
+
+        def hook(event, args):
+            nonlocal count
+            if _changes_fs(event, args):
+                count += 1
+                if count == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        sys.addaudithook(hook)
+        trainer.save_checkpoint()
+        os.write(write_fd, str(count).encode())
+        os._exit(0)
+    os.close(write_fd)
+    deadline = time.monotonic() + 120
+    while True:  # bounded wait: a child stuck after fork fails the test instead of hanging it
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked save did not finish within 120 s")
+        time.sleep(0.01)
+    with os.fdopen(read_fd) as fh:
+        reported = fh.read()
+    if kill_at:
+        assert os.WIFSIGNALED(status) and not reported, f"the save finished before change {kill_at}"
+        return None
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and reported
+    return int(reported)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("step_saved_before", [False, True])
+def test_kill_at_every_point_of_a_save_leaves_complete_checkpoints(tmp_path, step_saved_before):
+    """SIGKILL before each filesystem change of saving checkpoint-2 (writing, manifest,
+    promotion, rotation). Every ``checkpoint-N`` left must be complete (its manifest holds),
+    and resuming ``latest`` must load the newest one with exactly the weights of its step.
+    ``step_saved_before``: an older checkpoint-2 is in place (a step saved again after resuming
+    from an earlier checkpoint), so the promotion has to replace it."""
     out = tmp_path / "run"
-    marker = tmp_path / "in_save"
-    script = textwrap.dedent(f"""
-        import time, icrm.train as train
-        from icrm import RewardConfig, RewardTrainer
-        real, calls = train.save_file, []
-        def slow_save(*args, **kw):
-            calls.append(1)
-            real(*args, **kw)
-            if len(calls) == 2:  # the second checkpoint: stop half-way through writing it
-                open({str(marker)!r}, "w").close()
-                time.sleep(600)
-        train.save_file = slow_save
-        args = RewardConfig(output_dir={str(out)!r}, max_steps=3, save_steps=1, per_device_train_batch_size=4, eval_file=None,
-                            logging_steps=1, max_length=32, run_sft=False, compare_bt=False, kernels="reference")
-        RewardTrainer(args=args, train_dataset={TRAIN_ROWS[:16]!r}).train()
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": REPO},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 240
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "the child never reached the second save"
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
-    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["checkpoint-1"]
-    assert (out / "tmp-checkpoint-2").exists()  # the half-written one, never picked up
-    args = RewardConfig(output_dir=str(out), max_steps=3, save_steps=1, per_device_train_batch_size=4, logging_steps=1, eval_file=None,
-                        max_length=32, run_sft=False, compare_bt=False, kernels="reference", resume_from_checkpoint="latest")
-    trainer = RewardTrainer(args=args, train_dataset=TRAIN_ROWS[:16])
+    args = tiny_args(tmp_path, max_steps=1, save_total_limit=1, output_dir=str(out), per_device_train_batch_size=4)
+    trainer = RewardTrainer(args=args, train_dataset=TRAIN_ROWS[:8])
     trainer.train()
-    assert [r["step"] for r in trainer.log_history if "loss" in r] == [1, 2, 3]  # step 1 from the checkpoint
-    assert not (out / "tmp-checkpoint-2").exists()
+    weights = {1: {k: v.clone() for k, v in trainer._model_state().items()}}
+    trainer.args = args.replace(save_total_limit=2)
+    trainer.global_step = 2
+    if step_saved_before:
+        with torch.no_grad():
+            trainer.model.score.weight.add_(1.0)
+        trainer.save_checkpoint()
+        weights["old 2"] = {k: v.clone() for k, v in trainer._model_state().items()}
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.01)
+    weights[2] = {k: v.clone() for k, v in trainer._model_state().items()}
+    pristine = tmp_path / "pristine"
+    shutil.copytree(out, pristine)
+    total = _save_killed_at(trainer, 0)
+    assert total >= 5
+    resumer = RewardTrainer(args=args.replace(max_steps=2), train_dataset=TRAIN_ROWS[:8])
+    resumer._build_optimizer(2)
+    for kill_at in range(1, total + 1):
+        shutil.rmtree(out)
+        shutil.copytree(pristine, out)
+        _save_killed_at(trainer, kill_at)
+        folders = [n for n in os.listdir(out) if n.startswith("checkpoint-") and n[len("checkpoint-"):].isdigit()]
+        assert folders, f"kill at change {kill_at}/{total}: no checkpoint left"
+        for name in folders:
+            assert (out / name / "checksums.json").exists(), f"kill at change {kill_at}/{total}: {name} is partial"
+            assert verify_checkpoint(str(out / name)) is None, f"kill at change {kill_at}/{total}: {name} is damaged"
+        newest = resumer._load_checkpoint("latest")
+        step = resumer.global_step
+        assert newest == list_checkpoints(str(out))[-1] and step in (1, 2)
+        candidates = [weights[1]] if step == 1 else [weights[2]] + ([weights["old 2"]] if step_saved_before else [])
+        state = resumer._model_state()
+        assert any(all(torch.equal(state[k], w[k]) for k in w) for w in candidates), f"kill at change {kill_at}"
 
 
-def test_ddp_two_processes_gloo(tmp_path):
+def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    """2 ranks x 4 pairs under torchrun (gloo) = 1 process x 8 pairs: same losses, same weights.
+
+    Bradley-Terry (a mean over pairs, no per-rank EMA or token mean), so the per-rank means
+    average to the global one and DDP's averaged gradient is the global gradient.
+    """
     out = tmp_path / "ddp"
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in TRAIN_ROWS[:48]))
+    settings = dict(max_steps=3, logging_steps=1, max_length=32, reg_ratio=0.0, sft_regularizer=False, learning_rate=3e-3,
+                    warmup_ratio=0.0, kernels="reference")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "icrm.cli", "train",
-           "--run_sft", "false", "--compare_bt", "false", "--max_steps", "3", "--per_device_train_batch_size", "4",
-           "--logging_steps", "1", "--max_length", "32", "--train_file", str(train_file), "--eval_file", "",
-           "--output_dir", str(out), "--kernels", "reference"]
+           "--run_sft", "false", "--compare_bt", "false", "--per_device_train_batch_size", "4", "--train_file",
+           str(train_file), "--eval_file", "", "--output_dir", str(out)]
+    cmd += [x for k, v in settings.items() for x in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stage = out / "icrm"
     lines = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3]  # rank 0 writes, once per step
-    assert all(r["loss"] == r["loss"] for r in lines)
     state = json.loads((stage / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and len(state["smooth_weight"]) == 2
     assert (stage / "checkpoint-3" / "rng_state_1.pt").exists()
+
+    single = RewardTrainer(args=tiny_args(tmp_path, output_dir=str(tmp_path / "single"), per_device_train_batch_size=8,
+                                          **settings), train_dataset=TRAIN_ROWS[:48])
+    single.train()
+    for key in ("loss", "bt_loss", "accuracy", "grad_norm"):
+        want = [r[key] for r in single.log_history if "loss" in r]
+        assert [r[key] for r in lines] == pytest.approx(want, rel=1e-5, abs=1e-6), key
+    with safe_open(str(stage / "checkpoint-3" / "model.safetensors"), "pt") as fh:
+        for name, value in single._model_state().items():
+            # Adam turns float rounding in small gradients into update noise (seen: 2e-5); one
+            # step moves a weight by ~lr = 3e-3, so a different global batch would show.
+            torch.testing.assert_close(fh.get_tensor(name), value, rtol=0, atol=1e-4, msg=name)
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,0 +1,231 @@
+"""Checkpoint folders: checksum manifest, promotion into place, choosing what to resume, and
+the rules for reusing an ``output_dir``.
+
+A checkpoint is written into ``tmp-checkpoint-<step>/``; ``checksums.json`` (size and
+SHA-256 of every other file) is written last, the folder is flushed to disk and renamed to
+``checkpoint-<step>/`` in one ``os.replace``. Resume verifies the manifest, names the first
+bad file, and falls back to the newest intact checkpoint (with a warning).
+
+``output_dir`` rules (:func:`prepare_output_dir`): a fresh run refuses a folder holding a
+previous run's files unless ``overwrite_output_dir`` is set; then it deletes exactly the
+files a run writes (:data:`RUN_FILES`, ``checkpoint-<N>`` folders that carry our
+``trainer_state.json``, ``tmp-checkpoint-<N>`` and ``checkpoint-<N>.old`` leftovers,
+``damaged-``/``superseded-checkpoint-<N>`` set aside by a resume, ``final/``; in ``icrm train``'s top
+folder, the same inside ``sft/``, ``icrm/``, ``bt/``) and nothing else. A ``checkpoint-<N>`` or ``final`` folder that a run did not
+write is never deleted: the run stops and names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+
+from .io_safety import IcrmError, ensure_writable_dir
+
+log = logging.getLogger("icrm")
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.json"
+MANIFEST = "checksums.json"
+#: Files a training run writes at the top of its ``output_dir`` (besides checkpoints and ``final/``).
+RUN_FILES = ("metrics.jsonl", "training.png", "summary.json")
+#: ``icrm train`` stage folders inside the top-level ``output_dir``.
+STAGE_DIRS = ("sft", "icrm", "bt")
+
+
+#: Prefixes of checkpoints moved aside on resume: damaged, or newer than an explicit resume point.
+SET_ASIDE_PREFIXES = ("damaged-", "superseded-")
+
+
+def _step_of(name: str) -> int | None:
+    if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit():
+        return int(name[len(CHECKPOINT_PREFIX):])
+    return None
+
+
+def checkpoint_step(path: str) -> int:
+    """The step of a ``checkpoint-<step>`` folder."""
+    return _step_of(os.path.basename(os.path.normpath(path)))
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Promoted checkpoints in ``output_dir``, oldest first (tmp folders are never listed)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if _step_of(name) is not None and os.path.exists(os.path.join(path, TRAINER_STATE)):
+            found.append((_step_of(name), path))
+    return [p for _, p in sorted(found)]
+
+
+# ------------------------------------------------------------------------------------------
+# Manifest
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def write_manifest(directory: str) -> None:
+    """Record size and SHA-256 of every file in ``directory``; call it after the last file is written."""
+    entries = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, directory)
+            if rel != MANIFEST:
+                entries[rel] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
+    with open(os.path.join(directory, MANIFEST), "w") as fh:
+        json.dump({"files": dict(sorted(entries.items()))}, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def verify_checkpoint(directory: str) -> str | None:
+    """None if every file in the manifest is present and unchanged, else why not (naming the file)."""
+    manifest = os.path.join(directory, MANIFEST)
+    if not os.path.exists(manifest):
+        # Promotion is one rename after the manifest, so only a checkpoint from before
+        # manifests lacks one; its files are still checked as they are read.
+        log.warning("%s has no %s (written by an older icrm); its files are not checksum-verified", directory, MANIFEST)
+        return None
+    try:
+        with open(manifest) as fh:
+            files = json.load(fh)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{manifest} is unreadable ({exc})"
+    for rel, want in files.items():
+        path = os.path.join(directory, rel)
+        try:
+            size = os.path.getsize(path)
+            if size != want["size"]:
+                return f"{path} has {size} bytes, the manifest says {want['size']} (truncated or overwritten)"
+            if _sha256(path) != want["sha256"]:
+                return f"{path} does not match its SHA-256 in {MANIFEST} (corrupted)"
+        except FileNotFoundError:
+            return f"{path} is missing"
+        except OSError as exc:
+            return f"{path} cannot be read ({exc.strerror or exc})"
+    return None
+
+
+def promote(tmp: str, final: str) -> None:
+    """Rename a complete ``tmp`` checkpoint to ``final``; an existing ``final`` (a step saved
+    again after resuming from an older checkpoint) is swapped out first, then deleted."""
+    if os.path.exists(final):
+        trash = final + ".old"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash)
+    else:
+        os.replace(tmp, final)
+
+
+def set_aside(path: str, prefix: str) -> str:
+    """Rename ``checkpoint-<N>`` to ``<prefix>checkpoint-<N>``: kept, never listed or resumed."""
+    assert prefix in SET_ASIDE_PREFIXES
+    target = os.path.join(os.path.dirname(os.path.normpath(path)), prefix + os.path.basename(os.path.normpath(path)))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(path, target)
+    log.warning("moved %s aside to %s", path, target)
+    return target
+
+
+def remove_leftovers(output_dir: str) -> None:
+    """Delete what a run killed mid-save leaves: ``tmp-checkpoint-*`` and ``checkpoint-*.old``."""
+    for name in os.listdir(output_dir):
+        if name.startswith(f"tmp-{CHECKPOINT_PREFIX}") or (name.startswith(CHECKPOINT_PREFIX) and name.endswith(".old")):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------
+# What to resume
+
+def resume_candidates(resume: str, output_dir: str) -> list[str]:
+    """Checkpoint folders to try for ``resume_from_checkpoint``, best first.
+
+    ``latest``: every checkpoint in ``output_dir``, newest first (an error if there is none);
+    ``auto``: the same, or ``[]`` (start fresh, with a notice); a path: that folder only.
+    """
+    if resume in ("latest", "auto"):
+        found = list_checkpoints(output_dir)[::-1]
+        if not found:
+            if resume == "latest":
+                raise IcrmError(f"resume_from_checkpoint latest: no checkpoint in {output_dir} "
+                                "(use 'auto' to resume when there is one and start fresh otherwise)")
+            log.warning("resume_from_checkpoint auto: no checkpoint in %s; starting from scratch", output_dir)
+        return found
+    if not os.path.isdir(resume):
+        raise IcrmError(f"resume_from_checkpoint {resume}: no such checkpoint folder")
+    return [resume]
+
+
+# ------------------------------------------------------------------------------------------
+# output_dir
+
+def _is_ours(path: str) -> bool:
+    """Whether ``path`` (a top-level entry of an ``output_dir``) is something a run writes."""
+    name = os.path.basename(path)
+    if os.path.isfile(path):
+        return name in RUN_FILES
+    if name.startswith((f"tmp-{CHECKPOINT_PREFIX}",) + tuple(p + CHECKPOINT_PREFIX for p in SET_ASIDE_PREFIXES)) or (
+            name.startswith(CHECKPOINT_PREFIX) and name.endswith(".old")):
+        return True
+    if _step_of(name) is not None:
+        return os.path.exists(os.path.join(path, TRAINER_STATE))
+    if name == "final":
+        return any(os.path.exists(os.path.join(path, f)) for f in ("icrm_reward_model.json", "config.json"))
+    return False
+
+
+def _previous_run_entries(output_dir: str) -> tuple[list[str], list[str]]:
+    """``(ours, foreign)``: a previous run's entries, and same-named entries a run did not write."""
+    ours, foreign = [], []
+    if not os.path.isdir(output_dir):
+        return ours, foreign
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if name in STAGE_DIRS and os.path.isdir(path):
+            sub_ours, sub_foreign = _previous_run_entries(path)
+            ours += sub_ours
+            foreign += sub_foreign
+        elif _is_ours(path):
+            ours.append(path)
+        elif name in RUN_FILES or name == "final" or _step_of(name) is not None:
+            foreign.append(path)
+    return ours, foreign
+
+
+def prepare_output_dir(output_dir: str, *, resuming: bool, overwrite: bool, apply: bool = True) -> None:
+    """Check ``output_dir`` before any work: writable, and not holding another run's files
+    unless resuming (they are this run's past) or ``overwrite`` (they are deleted, see the
+    module docstring). ``apply=False`` only checks (ranks other than 0; the CLI before it
+    builds a model).
+    """
+    ensure_writable_dir(output_dir)
+    if resuming:
+        return
+    ours, foreign = _previous_run_entries(output_dir)
+    if foreign:
+        raise IcrmError(f"output_dir {output_dir} holds {', '.join(foreign)}, which icrm did not write; "
+                        "move it away or choose another output_dir")
+    if not ours:
+        return
+    if not overwrite:
+        shown = ", ".join(os.path.relpath(p, output_dir) for p in ours[:6]) + (" ..." if len(ours) > 6 else "")
+        raise IcrmError(f"output_dir {output_dir} holds a previous run ({shown}); pass "
+                        "--resume_from_checkpoint latest to continue it, --overwrite_output_dir true to replace it, "
+                        "or choose another output_dir")
+    if apply:
+        for path in ours:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        log.warning("overwrite_output_dir: removed the previous run's %s", ", ".join(os.path.relpath(p, output_dir) for p in ours))
