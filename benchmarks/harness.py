@@ -102,7 +102,10 @@ def triton_version() -> str:
 
 def git_commit() -> str:
     def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+        except OSError:  # no git on the machine (a bare GPU box): the commit is unknown, not an error
+            return ""
 
     sha = git("rev-parse", "--short=12", "HEAD")
     if not sha:
@@ -291,6 +294,10 @@ class Case:
         bits = [self.op, self.pass_, str(self.N), str(self.D), str(self.V), self.dtype]
         bits += [f"{k}={v}" for k, v in sorted(self.extra.items())]
         return "|".join(bits)
+
+    def label(self) -> str:
+        """How notes and logs name the case."""
+        return f"{self.op} {self.impl} {self.pass_} N={self.N} D={self.D} V={self.V} {self.dtype}"
 
     def to_json(self) -> dict:
         return {"op": self.op, "impl": self.impl, "pass": self.pass_, "N": self.N, "D": self.D,
@@ -493,7 +500,7 @@ def _collect(bench, results, rows, notes, env, kind, gemm_cache):
     for res in results:
         case = Case.from_json(res["case"])
         status = res["status"]
-        label = f"{case.op} {case.impl} {case.pass_} N={case.N} D={case.D} V={case.V} {case.dtype}"
+        label = case.label()
         if status == "ok":
             gemm = None
             if bench.gemm_peak and case.D and case.V:
@@ -520,8 +527,9 @@ def write_results(stem: str, kind: str, rows: list[dict], notes: dict, out_dir: 
                   append: bool = False) -> Path:
     """Writes ``<stem>_<kind>.csv`` (exactly :data:`COLUMNS`) and its ``.notes.json``.
 
-    ``append`` merges into an existing file (a sweep split over several runs): rows of the
-    same case are replaced, notes lists extended.
+    ``append`` merges into an existing file (a sweep split over several runs, or one run that
+    saves as it goes): rows of the same case are replaced, notes lists extended by the entries
+    they do not hold yet, other notes keys kept unless ``notes`` gives them anew.
     """
     import csv
 
@@ -538,8 +546,10 @@ def write_results(stem: str, kind: str, rows: list[dict], notes: dict, out_dir: 
         rows = [r for r in old_rows if key(r) not in new_keys] + rows
         if notes_path.exists():
             old_notes = json.loads(notes_path.read_text())
+            notes = {**old_notes, **notes}
             for name in ("skipped", "cases"):
-                notes[name] = old_notes.get(name, []) + notes.get(name, [])
+                old_list = old_notes.get(name, [])
+                notes[name] = old_list + [entry for entry in notes.get(name, []) if entry not in old_list]
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
