@@ -8,17 +8,17 @@ On a lent GPU machine (torch, Triton and transformers preinstalled, no package r
    scratch folder; peers without wheels are marked skipped with the reason;
 2. prints the GPU and library versions (``env.json`` in every stage's bundle);
 3. runs the stages asked for, in this order, each within its wall-clock budget
-   (:data:`STAGE_WHAT`, :data:`GPU_BUDGETS`; 25 minutes together):
+   (:data:`STAGE_WHAT`, :data:`GPU_BUDGETS`; 21 minutes together):
 
-   - ``tests``: ``pytest -m cuda tests``, the CUDA kernel tests (180 s);
+   - ``tests``: ``pytest -m cuda tests``, the CUDA kernel tests (150 s);
    - ``target``: linear_logprobs_and_rewards at N=16384, D=4096, V=128256, bf16, fwd+bwd and
      fwd, every implementation, then the issue's targets checked on those rows (120 s);
    - ``linear_bwd`` / ``linear_fwd``: the sweep (both ops, N in {4096, 16384} x D in {2048,
      4096} x V in {32000, 128256, 256000} + the ICRM paper shape), smallest shapes first
-     (480 s / 300 s);
-   - ``consistency``: consistency_loss fwd+bwd, padded and packed, 64k to 4M tokens (120 s);
+     (420 s / 240 s);
+   - ``consistency``: consistency_loss fwd+bwd, padded and packed, 64k to 4M tokens (90 s);
    - ``train_step``: one ICRM step of a Llama-3.2-1B-shaped config, ours vs eager, then the
-     longest sequence that fits until the budget runs out (300 s).
+     longest sequence that fits until the budget runs out (240 s).
 
    A stage skips the shapes it cannot afford (``skipped``, reason ``budget: ...``); a bench
    call that overruns is killed and its cases recorded as cut off.
@@ -34,10 +34,10 @@ The device tool allows 10 minutes a call and 30 minutes in all, so the runbook r
 four calls of :data:`CALLS` (``--time-budget-s``, default 560 s, bounds one call), each with
 ``carry: [".whl"]``::
 
-    python3 benchmarks/gpu_runbook.py --stages tests,target             # ~ 5 min
-    python3 benchmarks/gpu_runbook.py --stages linear_bwd               # ~ 8 min
-    python3 benchmarks/gpu_runbook.py --stages linear_fwd,consistency   # ~ 7 min
-    python3 benchmarks/gpu_runbook.py --stages train_step               # ~ 5 min
+    python3 benchmarks/gpu_runbook.py --stages tests,target             # <= 4.5 min + setup
+    python3 benchmarks/gpu_runbook.py --stages linear_bwd               # <= 7 min + setup
+    python3 benchmarks/gpu_runbook.py --stages linear_fwd,consistency   # <= 5.5 min + setup
+    python3 benchmarks/gpu_runbook.py --stages train_step               # <= 4 min + setup
 
 Back on a machine with the repository, merge what came back into ``benchmarks/results``
 (rows merged by case; plots and both READMEs regenerated)::
@@ -83,9 +83,10 @@ STAGE_WHAT = {
     "train_step": "one ICRM step of a Llama-3.2-1B-shaped config (ours vs eager), then the longest sequence "
                   "that fits, until the budget runs out",
 }
-#: Wall-clock seconds per stage on the GPU (25 minutes together).
-GPU_BUDGETS = {"tests": 180, "target": 120, "linear_bwd": 480, "linear_fwd": 300, "consistency": 120,
-               "train_step": 300}
+#: Wall-clock seconds per stage on the GPU: 21 minutes together, so that with the machine's start,
+#: the transfers and each call's setup the run stays within the issue's 25 minutes.
+GPU_BUDGETS = {"tests": 150, "target": 120, "linear_bwd": 420, "linear_fwd": 240, "consistency": 90,
+               "train_step": 240}
 #: The device tool's calls, in order: each stays within one call's 10 minutes.
 CALLS = ("tests,target", "linear_bwd", "linear_fwd,consistency", "train_step")
 LINEAR_OPS = ("linear_logprobs", "linear_logprobs_and_rewards")
@@ -177,15 +178,17 @@ def runbook_section() -> list[str]:
         names = stages.split(",")
         calls.append([i, f"`python3 benchmarks/gpu_runbook.py --stages {stages}`",
                       ", ".join(f"{s} ({GPU_BUDGETS[s]} s)" for s in names),
-                      f"at most {sum(GPU_BUDGETS[s] for s in names) / 60:.0f} min + ~1 min setup"])
+                      f"at most {sum(GPU_BUDGETS[s] for s in names) / 60:.1f} min + setup"])
     lines = ["## GPU runbook", "",
              "`benchmarks/gpu_runbook.py` is everything a lent GPU machine (H100/H200, torch, Triton and "
              "transformers preinstalled, no package registry) should run, ready so that its time goes to measuring. "
              "Beforehand, on a machine with the package registry: `bash benchmarks/fetch_wheels.sh` (fills the "
              "git-ignored `.whl/` with the liger-kernel and cut-cross-entropy wheels, about 1 MB).", "",
              "The device tool's calls, in order and back to back (a machine stays warm only briefly between calls), "
-             "each with `carry: [\".whl\"]` and `timeout_s: 600`; every call installs the wheels and prints the "
-             "versions again (about 20 s), since a call may get a fresh machine:", ""]
+             "each with `carry: [\".whl\"]` and `timeout_s: 600`; every call first installs the wheels and prints the "
+             "versions (setup, well under a minute), since a call may get a fresh machine. The budgets add up to "
+             f"{sum(GPU_BUDGETS.values()) / 60:.0f} minutes, leaving room in the issue's 25 for the machine's start "
+             "and the transfers:", ""]
     lines += ["| call | command | stages (budget) | expected |", "|---|---|---|---|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in calls] + [""]
     lines += ["| stage | what |", "|---|---|"] + [f"| `{s}` | {STAGE_WHAT[s]} |" for s in STAGES] + [""]
