@@ -322,7 +322,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-max-t", action="store_true", help="skip the longest-sequence search")
     parser.add_argument("--t-max", type=int, default=None, help="cap of the longest-sequence search (default per mode)")
     parser.add_argument("--search-budget-s", type=float, default=math.inf,
-                        help="start no search probe after this many seconds (the results so far are kept)")
+                        help="start no search probe later than this many seconds after the start, the time split "
+                             "evenly between the implementations' searches (the results so far are kept)")
     args = parser.parse_args(argv)
     start = time.monotonic()
     kind = harness.device_kind()
@@ -350,9 +351,12 @@ def main(argv=None) -> int:
 
     save(args.append)
     if not args.no_max_t:
-        for impl in impls:
+        for i, impl in enumerate(impls):
+            # Each search gets an equal share of the search time still left.
+            now = time.monotonic()
+            deadline = now + (start + args.search_budget_s - now) / (len(impls) - i)
             notes["max_T"].append(longest_fitting(impl, config, pairs, dtype, kind, args.cap_mb, t_max, rows, notes,
-                                                  deadline=start + args.search_budget_s))
+                                                  deadline=deadline))
             print("[train_step] " + json.dumps(notes["max_T"][-1]), flush=True)
             save(True)
     return 0

@@ -148,7 +148,9 @@ def test_budget_logic():
     assert gpu_runbook.estimate_s(10.0, []) == 10.0
     # Scaled by the largest call run so far: it took twice its prior.
     assert gpu_runbook.estimate_s(30.0, [(5.0, 4.0), (10.0, 20.0)]) == pytest.approx(60.0)
-    assert gpu_runbook.affordable(10.0, 12.0) and not gpu_runbook.affordable(10.0, 11.9)
+    assert gpu_runbook.affordable(10.0, 12.0, calibrated=True) and not gpu_runbook.affordable(10.0, 11.9, calibrated=True)
+    # An uncalibrated guess never skips while time is left; no time left always skips.
+    assert gpu_runbook.affordable(100.0, 1.0, calibrated=False) and not gpu_runbook.affordable(1.0, 0.0, calibrated=False)
     assert gpu_runbook.stage_budgets(["tests", "target"], {"tests": 180, "target": 120}, 150.0, {"target": 5}) == {
         "tests": 150.0, "target": 5.0}
     cases, units = gpu_runbook.chunk_cost([(2, 3, 5)], ("a", "b"), ("fwd", "fwd+bwd"), ("x",))
