@@ -513,6 +513,10 @@ def collect(src: Path, into: Path) -> list[Path]:
         for path in bundles:
             with tarfile.open(path) as tar:
                 tar.extractall(tmp, filter="data")
+        rehearsal = [p.parent.name for p in Path(tmp).glob("*/env.json") if json.loads(p.read_text()).get("dry_run")]
+        if rehearsal and into.resolve() == (BENCH_DIR / "results").resolve():
+            raise SystemExit(f"--collect: the bundles of {', '.join(sorted(rehearsal))} come from a --dry-run; they are "
+                             f"not merged into {into} (name another folder with --into)")
         for stage in STAGES:
             for csv_path in sorted((Path(tmp) / stage).glob("*.csv")):
                 rows, notes = report.load(csv_path)

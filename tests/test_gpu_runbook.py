@@ -130,6 +130,11 @@ def test_collect_merges_the_bundles(dry_run, tmp_path):
     assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"} and {r["N"] for r in rows} == {"32", "64"}
     readme = (tmp_path / "README.md").read_text()
     assert "## GPU runbook" in readme and "--stages linear_bwd" in readme
+    # A rehearsal never lands in the committed results.
+    before = sorted((BENCH / "results").iterdir())
+    with pytest.raises(SystemExit, match="come from a --dry-run"):
+        gpu_runbook.collect(out, BENCH / "results")
+    assert sorted((BENCH / "results").iterdir()) == before
 
 
 def test_install_peers_says_why_a_peer_cannot_run(tmp_path):
