@@ -95,6 +95,8 @@ TARGET_OP = "linear_logprobs_and_rewards"
 PEERS = {"liger": ("liger-kernel", "liger_kernel"), "cce": ("cut-cross-entropy", "cut_cross_entropy")}
 #: Relative cost of a pass in the budget's work units (fwd+bwd is about three GEMMs of fwd's one).
 PASS_WEIGHT = {"fwd": 1.0, "fwd+bwd": 3.0}
+#: What ``--collect`` keeps of a run beside the CSVs (versions, the tests' summary, the targets).
+RECORD = "gpu_runbook.json"
 #: The CUDA tests (on a CPU, the dry run collects them and they skip).
 PYTEST_ARGS = ("-m", "cuda", "tests")
 
@@ -175,8 +177,9 @@ def stage_budgets(stages, defaults: dict, call_s: float, overrides: dict) -> dic
     return {s: min(float(overrides.get(s, defaults[s])), call_s) for s in stages}
 
 
-def runbook_section() -> list[str]:
-    """The "GPU runbook" section of ``benchmarks/results/README.md`` (``report.py`` renders it)."""
+def runbook_section(results_dir: Path) -> list[str]:
+    """The "GPU runbook" section of ``benchmarks/results/README.md`` (``report.py`` renders it),
+    with what ``--collect`` recorded of the last run in ``results_dir``."""
     calls = []
     for i, stages in enumerate(CALLS, 1):
         names = stages.split(",")
@@ -207,6 +210,21 @@ def runbook_section() -> list[str]:
               "`python3 benchmarks/gpu_runbook.py --stages linear_bwd --shapes 16384x4096x256000`. "
               "`python benchmarks/gpu_runbook.py --dry-run` rehearses every stage on the CPU with tiny shapes "
               "(`tests/test_gpu_runbook.py` runs it in CI).", ""]
+    if (results_dir / RECORD).exists():
+        rec = json.loads((results_dir / RECORD).read_text())
+        env, tests = rec.get("env", {}), rec.get("tests")
+        gpu = env.get("gpu") or {}
+        lines += [f"**Last collected run** ({'dry run, ' if env.get('dry_run') else ''}{gpu.get('name', 'no GPU')}, "
+                  f"torch {env.get('torch')}, Triton {env.get('triton')}, liger-kernel {env.get('liger-kernel')}, "
+                  f"cut-cross-entropy {env.get('cut-cross-entropy')}, commit {env.get('commit') or 'unknown'}): "
+                  + ("CUDA tests not run" if not tests else
+                     f"CUDA tests {tests['verdict']} ({tests.get('tests', '?')} collected, {tests.get('failures', '?')} "
+                     f"failed, {tests.get('errors', '?')} errors, {tests.get('skipped', '?')} skipped, "
+                     f"{tests['seconds']:.0f} s)") + ".", ""]
+        for c in (rec.get("targets") or {}).get("checks", []):
+            verdict = {True: "met", False: "NOT met", None: "not measured"}[c["met"]]
+            lines.append(f"- {c['target']}: {c['value']}: **{verdict}**")
+        lines.append("")
     return lines
 
 
@@ -449,6 +467,12 @@ def stage_tests(run: Run, stage: str, budget: float) -> None:
     rc, took = run_child(run, cmd, min(budget, run.deadline - time.monotonic()))
     summary = {"command": cmd[1:], "exit_code": rc, "seconds": round(took, 1),
                "verdict": "cut off: budget" if rc is None else "passed" if rc == 0 else "failed"}
+    if junit.exists():
+        import xml.etree.ElementTree as ET
+
+        suite = ET.parse(junit).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        summary.update({k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")})
     (run.work / stage / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     run.log(f"[tests] {summary['verdict']} (exit {rc}, {took:.0f} s)")
 
@@ -470,7 +494,7 @@ def stage_train_step(run: Run, stage: str, budget: float) -> None:
 def _one_bench(run: Run, stage: str, budget: float, cmd: list[str], stem: str) -> None:
     rc, took = run_child(run, cmd, min(budget, run.deadline - time.monotonic()))
     csv_path = run.work / stage / f"{stem}_{run.kind()}.csv"
-    if rc is None or rc != 0:
+    if rc != 0:
         why = f"budget: cut off after {took:.0f} s" if rc is None else f"{Path(cmd[1]).name} exited with {rc} (see the stage log)"
         run.log(f"[{stage}] {why}" + ("" if csv_path.exists() else "; no results"))
         record_skipped(run, stage, stem, [(stem, why)])
@@ -481,7 +505,7 @@ STAGE_FUNCS = {"tests": stage_tests, "target": stage_linear, "linear_bwd": stage
 
 
 def finish_stage(run: Run, stage: str) -> None:
-    """Plots and the stage's README from its CSVs, then the final bundle."""
+    """Plots and the stage's README from its CSVs."""
     import plot
     import report
 
@@ -508,7 +532,7 @@ def collect(src: Path, into: Path) -> list[Path]:
     bundles = sorted(src.glob("*.tar.gz"), key=lambda p: STAGES.index(p.name[:-7]) if p.name[:-7] in STAGES else len(STAGES))
     if not bundles:
         raise SystemExit(f"--collect: expected <stage>.tar.gz files from the runbook in {src}, found none")
-    merged = set()
+    merged, record = set(), {}
     with tempfile.TemporaryDirectory(prefix="icrm_collect_") as tmp:
         for path in bundles:
             with tarfile.open(path) as tar:
@@ -522,9 +546,14 @@ def collect(src: Path, into: Path) -> list[Path]:
                 rows, notes = report.load(csv_path)
                 stem, kind = csv_path.stem.rsplit("_", 1)
                 merged.add(harness.write_results(stem, kind, rows, notes, into, append=True))
-            for name in ("summary.json", "targets.json", "env.json"):
+            for name, key in (("summary.json", "tests"), ("targets.json", "targets"), ("env.json", "env")):
                 if (Path(tmp) / stage / name).exists():
-                    print(f"{stage}/{name}: " + (Path(tmp) / stage / name).read_text().strip())
+                    record.setdefault(key, json.loads((Path(tmp) / stage / name).read_text()))
+    if record:
+        # What the README's runbook section says of the run: machine, versions, tests, targets.
+        record["env"].pop("child_env", None)
+        (into / RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        print(json.dumps(record, indent=1))
     for path in sorted(merged):
         plot.plot_csv(path)
     report.main([str(into)])

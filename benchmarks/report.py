@@ -356,7 +356,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
         for png in sorted(results_dir.glob(f"{path.stem}__*.png")):
             lines += [f"![{png.stem}]({png.name})", ""]
     lines += predicted_section(results_dir)
-    lines += runbook_section()
+    lines += runbook_section(results_dir)
     return "\n".join(lines).rstrip() + "\n"
 
 
