@@ -254,9 +254,10 @@ def main(argv=None) -> int:
     cases = [Case(op, impl, p, n, d, v, dt) for (op, n, d, v, dt) in grid for p in passes for impl in impls
              if op in ops and (sizes is None or n in sizes)]
     budget = args.budget_s if args.budget_s is not None else {"tiny": 0.02, "quick": 1.5}.get(mode, 10.0)
-    rows, notes = harness.run_cases(BENCH, cases, kind, budget_s=budget, max_reps=5 if mode != "tiny" else 2)
-    notes["mode"] = mode
-    harness.write_results("linear_logprobs", kind, rows, notes, Path(args.out), append=args.append)
+    save = harness.saver("linear_logprobs", kind, Path(args.out), append=args.append)
+    rows, notes = harness.run_cases(BENCH, cases, kind, budget_s=budget, max_reps=5 if mode != "tiny" else 2,
+                                    on_progress=lambda rows, notes: save(rows, dict(notes, mode=mode)))
+    save(rows, dict(notes, mode=mode))
     return 0
 
 

@@ -344,12 +344,13 @@ def main(argv=None) -> int:
                  pairs=pairs, checked_T=length, cap_mb=None if kind == "cuda" else args.cap_mb, max_T=[],
                  impls={k: v for k, v in IMPL_NOTES.items() if k in impls})
 
-    def save(append):
+    def checkpoint():
         # After the checked steps and after each search, so that a run cut off later keeps them.
         notes["loadavg"] = {"start": load_start, "end": os.getloadavg()[0]}
-        harness.write_results("train_step", kind, rows, json.loads(json.dumps(notes)), Path(args.out), append=append)
+        save(rows, notes)
 
-    save(args.append)
+    save = harness.saver("train_step", kind, Path(args.out), append=args.append)
+    checkpoint()
     if not args.no_max_t:
         for i, impl in enumerate(impls):
             # Each search gets an equal share of the search time still left.
@@ -358,7 +359,7 @@ def main(argv=None) -> int:
             notes["max_T"].append(longest_fitting(impl, config, pairs, dtype, kind, args.cap_mb, t_max, rows, notes,
                                                   deadline=deadline))
             print("[train_step] " + json.dumps(notes["max_T"][-1]), flush=True)
-            save(True)
+            checkpoint()
     return 0
 
 

@@ -8,17 +8,17 @@ On a lent GPU machine (torch, Triton and transformers preinstalled, no package r
    scratch folder; peers without wheels are marked skipped with the reason;
 2. prints the GPU and library versions (``env.json`` in every stage's bundle);
 3. runs the stages asked for, in this order, each within its wall-clock budget
-   (:data:`STAGE_WHAT`, :data:`GPU_BUDGETS`; 22 minutes together):
+   (:data:`STAGE_WHAT`, :data:`GPU_BUDGETS`; 22.5 minutes together):
 
    - ``tests``: ``pytest -m cuda tests``, the CUDA kernel tests (150 s);
-   - ``target``: linear_logprobs_and_rewards at N=16384, D=4096, V=128256, bf16, fwd+bwd and
-     fwd, every implementation, then the issue's targets checked on those rows (120 s);
+   - ``target``: linear_logprobs_and_rewards at N=16384, D=4096, V=128256, bf16, fwd+bwd then
+     fwd, every implementation, then the issue's targets checked on those rows (240 s);
    - ``linear_bwd`` / ``linear_fwd``: the sweep (both ops, N in {4096, 16384} x D in {2048,
      4096} x V in {32000, 128256, 256000} + the ICRM paper shape), smallest shapes first
-     (480 s / 240 s);
+     (480 s / 180 s);
    - ``consistency``: consistency_loss fwd+bwd, padded and packed, 64k to 4M tokens (90 s);
    - ``train_step``: one ICRM step of a Llama-3.2-1B-shaped config, ours vs eager, then the
-     longest sequence that fits until the budget runs out (240 s).
+     longest sequence that fits until the budget runs out (210 s).
 
    A stage skips the shapes it cannot afford (``skipped``, reason ``budget: ...``); a bench
    call that overruns is killed and its cases recorded as cut off.
@@ -34,10 +34,10 @@ The device tool allows 10 minutes a call and 30 minutes in all, so the runbook r
 four calls of :data:`CALLS` (``--time-budget-s``, default 560 s, bounds one call), each with
 ``carry: [".whl"]``::
 
-    python3 benchmarks/gpu_runbook.py --stages tests,target             # <= 4.5 min + setup
+    python3 benchmarks/gpu_runbook.py --stages tests,target             # <= 6.5 min + setup
     python3 benchmarks/gpu_runbook.py --stages linear_bwd               # <= 8 min + setup
-    python3 benchmarks/gpu_runbook.py --stages linear_fwd,consistency   # <= 5.5 min + setup
-    python3 benchmarks/gpu_runbook.py --stages train_step               # <= 4 min + setup
+    python3 benchmarks/gpu_runbook.py --stages linear_fwd,consistency   # <= 4.5 min + setup
+    python3 benchmarks/gpu_runbook.py --stages train_step               # <= 3.5 min + setup
 
 Back on a machine with the repository, merge what came back into ``benchmarks/results``
 (rows merged by case; plots and both READMEs regenerated)::
@@ -74,7 +74,7 @@ sys.path.insert(0, str(BENCH_DIR))
 STAGES = ("tests", "target", "linear_bwd", "linear_fwd", "consistency", "train_step")
 STAGE_WHAT = {
     "tests": "`pytest -m cuda tests`: the CUDA kernel tests",
-    "target": "`linear_logprobs_and_rewards` at N=16384, D=4096, V=128256, bf16, fwd+bwd and fwd, every "
+    "target": "`linear_logprobs_and_rewards` at N=16384, D=4096, V=128256, bf16, fwd+bwd then fwd, every "
               "implementation; the issue's targets checked on these rows (`targets.json`)",
     "linear_bwd": "the sweep's fwd+bwd: both ops, N in {4096, 16384} x D in {2048, 4096} x V in {32000, 128256, "
                   "256000} + the ICRM paper shape (6144, 2048, 256000), bf16, smallest shapes first",
@@ -83,10 +83,10 @@ STAGE_WHAT = {
     "train_step": "one ICRM step of a Llama-3.2-1B-shaped config (ours vs eager), then the longest sequence "
                   "that fits, until the budget runs out",
 }
-#: Wall-clock seconds per stage on the GPU: 22 minutes together, so that with the machine's start,
+#: Wall-clock seconds per stage on the GPU: 22.5 minutes together, so that with the machine's start,
 #: the transfers and each call's setup the run stays within the issue's 25 minutes.
-GPU_BUDGETS = {"tests": 150, "target": 120, "linear_bwd": 480, "linear_fwd": 240, "consistency": 90,
-               "train_step": 240}
+GPU_BUDGETS = {"tests": 150, "target": 240, "linear_bwd": 480, "linear_fwd": 180, "consistency": 90,
+               "train_step": 210}
 #: The device tool's calls, in order: each stays within one call's 10 minutes.
 CALLS = ("tests,target", "linear_bwd", "linear_fwd,consistency", "train_step")
 LINEAR_OPS = ("linear_logprobs", "linear_logprobs_and_rewards")
@@ -194,7 +194,7 @@ def runbook_section(results_dir: Path) -> list[str]:
              "The device tool's calls, in order and back to back (a machine stays warm only briefly between calls), "
              "each with `carry: [\".whl\"]` and `timeout_s: 600`; every call first installs the wheels and prints the "
              "versions (setup, well under a minute), since a call may get a fresh machine. The budgets add up to "
-             f"{sum(GPU_BUDGETS.values()) / 60:.0f} minutes, leaving room in the issue's 25 for the machine's start "
+             f"{sum(GPU_BUDGETS.values()) / 60:.1f} minutes, leaving room in the issue's 25 for the machine's start "
              "and the transfers:", ""]
     lines += ["| call | command | stages (budget) | expected |", "|---|---|---|---|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in calls] + [""]
@@ -391,7 +391,8 @@ def linear_chunks(profile: Profile, stage: str, only=None) -> list[tuple[list, t
         return only is None or shape in only
 
     if stage == "target":
-        return [([profile.target], (TARGET_OP,), ("fwd+bwd", "fwd"))] if keep(profile.target) else []
+        # fwd+bwd, the pass the targets are about, in a bench call of its own and first.
+        return [([profile.target], (TARGET_OP,), (p,)) for p in ("fwd+bwd", "fwd")] if keep(profile.target) else []
     passes = ("fwd+bwd",) if stage == "linear_bwd" else ("fwd",)
     rest = [s for s in profile.grid if s != profile.target and keep(s)]
     rest.sort(key=lambda s: s[0] * s[1] * s[2])
@@ -402,6 +403,12 @@ def linear_chunks(profile: Profile, stage: str, only=None) -> list[tuple[list, t
     return sorted(chunks, key=lambda c: chunk_cost(*c, profile.impls)[1])
 
 
+def _rows(csv_path: Path) -> list[dict]:
+    import report
+
+    return report.load(csv_path)[0] if csv_path.exists() else []
+
+
 def _cases(shapes, ops, passes, impls, dtype):
     from harness import Case
 
@@ -409,6 +416,8 @@ def _cases(shapes, ops, passes, impls, dtype):
 
 
 def stage_linear(run: Run, stage: str, budget: float) -> None:
+    import harness
+
     profile, start = run.profile, time.monotonic()
     impls = tuple(i for i in profile.impls if i not in run.peers_skipped)
     for shapes, ops, passes in linear_chunks(profile, stage, run.args.shape_list):
@@ -433,12 +442,17 @@ def stage_linear(run: Run, stage: str, budget: float) -> None:
         if run.args.dry_run:
             cmd += ["--budget-s", "0.02"]
         rc, took = run_child(run, cmd, left)
-        if rc is None:
-            skip(impls, lambda c: f"budget: cut off after {took:.0f} s ({budget:.0f} s stage budget)")
-        elif rc != 0:
-            skip(impls, lambda c: f"bench_linear_logprobs.py exited with {rc} (see the stage log)")
-        else:
+        if rc == 0:
             run.history.append((prior, took))
+        else:
+            # The bench saves after each implementation: only the cases without a row are lost.
+            csv_path = run.work / stage / f"linear_logprobs_{run.kind()}.csv"
+            have = {harness.row_key(r) for r in _rows(csv_path)}
+            lost = [c for c in _cases(shapes, ops, passes, impls, profile.dtype)
+                    if harness.row_key(harness.make_row(c, {})) not in have]
+            why = (f"budget: cut off after {took:.0f} s ({budget:.0f} s stage budget)" if rc is None
+                   else f"bench_linear_logprobs.py exited with {rc} (see the stage log)")
+            record_skipped(run, stage, "linear_logprobs", [(c.label(), why) for c in lost])
         bundle(run, stage)
     if stage == "target":
         write_targets(run, stage)
@@ -447,8 +461,7 @@ def stage_linear(run: Run, stage: str, budget: float) -> None:
 def write_targets(run: Run, stage: str) -> None:
     import report
 
-    path = run.work / stage / f"linear_logprobs_{run.kind()}.csv"
-    rows = report.load(path)[0] if path.exists() else []
+    rows = _rows(run.work / stage / f"linear_logprobs_{run.kind()}.csv")
     n, d, v = run.profile.target
     target = dict(report.TARGET, N=n, D=d, V=v, dtype=run.profile.dtype)
     checks = report.target_check(rows, target, ours=run.profile.ours)

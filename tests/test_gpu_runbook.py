@@ -177,7 +177,8 @@ def test_linear_chunks_cover_the_grid_smallest_first():
         assert len(covered) == len(set(covered)) and set(covered) == expected
         costs = [gpu_runbook.chunk_cost(*c, profile.impls)[1] for c in chunks]
         assert costs == sorted(costs)
-    assert gpu_runbook.linear_chunks(profile, "target") == [([profile.target], (gpu_runbook.TARGET_OP,), ("fwd+bwd", "fwd"))]
+    assert gpu_runbook.linear_chunks(profile, "target") == [([profile.target], (gpu_runbook.TARGET_OP,), (p,))
+                                                            for p in ("fwd+bwd", "fwd")]
     only = [(4096, 2048, 32000)]
     assert [c[0] for c in gpu_runbook.linear_chunks(profile, "linear_fwd", only)] == [only]
     assert gpu_runbook.linear_chunks(profile, "target", only) == []
@@ -189,3 +190,23 @@ def test_bad_arguments_get_a_clear_error(capsys):
         with pytest.raises(SystemExit) as exc:
             gpu_runbook.parse_args(argv)
         assert expected in capsys.readouterr().err + str(exc.value.code)
+
+
+def test_saver_keeps_what_a_cut_off_bench_finished(tmp_path):
+    """The benches save after each implementation; the first save replaces an older file."""
+    import harness
+
+    env = {"device": "d", "torch": "t", "triton": "", "commit": ""}
+
+    def row(impl):
+        return harness.make_row(harness.Case("op", impl, "fwd", 4, 2, 3, "fp32"), env, 1.0, 1.0, 1.0, 0.5)
+
+    harness.write_results("x", "cpu", [row("old")], {"skipped": [], "cases": []}, tmp_path)
+    save = harness.saver("x", "cpu", tmp_path)
+    notes = {"skipped": [{"label": "op cce fwd N=4 D=2 V=3 fp32", "status": "skipped", "reason": "r"}], "cases": [],
+             "mode": "m"}
+    save([row("reference")], notes)
+    save([row("reference"), row("eager")], notes)
+    assert [r["impl"] for r in csv_rows((tmp_path / "x_cpu.csv").read_bytes())] == ["reference", "eager"]
+    written = json.loads((tmp_path / "x_cpu.notes.json").read_text())
+    assert written["skipped"] == notes["skipped"] and written["mode"] == "m"
