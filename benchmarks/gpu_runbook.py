@@ -634,7 +634,7 @@ def main(argv=None) -> int:
         return 0
     start = time.monotonic()
     if args.dry_run:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: CPU even on a GPU machine
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before CUDA is initialised: CPU even on a GPU machine
     out = Path(args.out or os.environ.get("OUT") or REPO_ROOT / "runs" / "gpu")
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="icrm_runbook_"))
