@@ -133,12 +133,12 @@ def main(argv=None) -> int:
     cases = [Case(f"consistency_loss_{layout}", impl, "fwd+bwd", n, None, None, "fp32")
              for layout in LAYOUTS for n in token_counts(mode) for impl in impls]
     budget = args.budget_s if args.budget_s is not None else {"tiny": 0.02, "quick": 1.0}.get(mode, 5.0)
-    rows, notes = harness.run_cases(BENCH, cases, kind, budget_s=budget, max_reps=10)
-    notes["mode"] = mode
-    notes["copy_gbps"] = copy_gbps(kind)
-    notes["bytes_model"] = "N * (2 * (4 + 4 + 1) + 4) bytes for fp32: read rewards, weights, mask twice, write grad"
-    notes["row_tokens"] = ROW_TOKENS
-    harness.write_results("consistency", kind, rows, notes, Path(args.out), append=args.append)
+    save = harness.saver("consistency", kind, Path(args.out), append=args.append)
+    extra = {"mode": mode, "row_tokens": ROW_TOKENS,
+             "bytes_model": "N * (2 * (4 + 4 + 1) + 4) bytes for fp32: read rewards, weights, mask twice, write grad"}
+    rows, notes = harness.run_cases(BENCH, cases, kind, budget_s=budget, max_reps=10,
+                                    on_progress=lambda rows, notes: save(rows, {**notes, **extra}))
+    save(rows, {**notes, **extra, "copy_gbps": copy_gbps(kind)})
     return 0
 
 

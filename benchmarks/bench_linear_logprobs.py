@@ -25,6 +25,11 @@ Usage::
     python benchmarks/bench_linear_logprobs.py --quick      # CPU set, < 5 min on 2 idle cores
     python benchmarks/bench_linear_logprobs.py --naive-vs-chunked 3   # eager vs reference A/B
     python benchmarks/bench_linear_logprobs.py              # GPU sweep + ICRM paper recipe
+    python benchmarks/bench_linear_logprobs.py --shapes 16384x4096x128256 --passes fwd+bwd  # chosen shapes
+
+On a GPU the sweep is the GPU issue's grid (N in {4096, 16384} x D in {2048, 4096} x V in
+{32000, 128256, 256000}, bf16) plus the paper recipe; ``benchmarks/gpu_runbook.py`` runs it
+shape by shape within a time budget.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ IMPLS = ("reference", "eager", "compile", "torch_linear_ce", "liger", "cce", "tr
 PASSES = ("fwd", "fwd+bwd")
 #: ICRM paper recipe (gemma-2b): 3 pairs x 1024 tokens x 2 rows = 6144 tokens, D=2048, V=256000.
 PAPER_SHAPE = (6144, 2048, 256000)
+#: The GPU issue's grid: (N, D, V), bf16.
+GPU_GRID = [(n, d, v) for n in (4096, 16384) for d in (2048, 4096) for v in (32000, 128256, 256000)]
 
 
 def shapes(mode: str) -> list[tuple[str, int, int, int, str]]:
@@ -57,8 +64,16 @@ def shapes(mode: str) -> list[tuple[str, int, int, int, str]]:
         return [("linear_logprobs", n, 512, 32000, "fp32") for n in (1024, 4096, 8192)]
     if mode == "cpu":
         return [(op, n, 512, v, "fp32") for op in OPS for n in (1024, 4096, 8192) for v in (32000, 128256)]
-    sweep = [(n, d, v) for n in (4096, 16384, 65536) for v in (32000, 128256, 256000) for d in (2048, 4096)]
-    return [(op, n, d, v, "bf16") for op in OPS for (n, d, v) in sweep + [PAPER_SHAPE]]
+    return [(op, n, d, v, "bf16") for op in OPS for (n, d, v) in GPU_GRID + [PAPER_SHAPE]]
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """``"4096x2048x32000,16384x4096x128256"`` -> ``[(N, D, V), ...]``."""
+    parts = [item.split("x") for item in text.split(",")]
+    if not all(len(p) == 3 and all(x.isdigit() and int(x) > 0 for x in p) for p in parts):
+        raise SystemExit(f"--shapes: expected comma-separated NxDxV of positive integers (e.g. 16384x4096x128256), "
+                         f"got {text!r}")
+    return [(int(n), int(d), int(v)) for n, d, v in parts]
 
 
 def flops(case: Case) -> float:
@@ -67,15 +82,22 @@ def flops(case: Case) -> float:
 
 
 def make_inputs(case: Case, device: str) -> dict:
-    """Deterministic inputs for a case: the same on every worker."""
-    gen = torch.Generator(device="cpu").manual_seed(case.N * 7 + case.V)
+    """Deterministic inputs for a case: the same on every worker of one device.
+
+    Drawn on the device itself: a [256000, 4096] weight drawn on the CPU takes seconds per
+    case, which a GPU sweep of a few hundred cases cannot spend."""
+    gen = torch.Generator(device=device).manual_seed(case.N * 7 + case.V)
     dtype = harness.DTYPES[case.dtype]
-    hidden = torch.randn(case.N, case.D, generator=gen).to(device=device, dtype=dtype)
-    weight = (torch.randn(case.V, case.D, generator=gen) / case.D**0.5).to(device=device, dtype=dtype)
-    targets = torch.randint(0, case.V, (case.N,), generator=gen).to(device)
-    value_weight = (torch.randn(case.D, generator=gen) / case.D**0.5).to(device=device, dtype=dtype)
-    grad_logp = torch.randn(case.N, generator=gen).to(device)
-    grad_rewards = torch.randn(case.N, generator=gen).to(device)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
+
+    hidden = randn(case.N, case.D)
+    weight = randn(case.V, case.D, scale=case.D**-0.5)
+    targets = torch.randint(0, case.V, (case.N,), generator=gen, device=device)
+    value_weight = randn(case.D, scale=case.D**-0.5)
+    grad_logp = torch.randn(case.N, generator=gen, device=device)
+    grad_rewards = torch.randn(case.N, generator=gen, device=device)
     return dict(hidden=hidden, weight=weight, targets=targets, value_weight=value_weight,
                 grad_logp=grad_logp, grad_rewards=grad_rewards)
 
@@ -208,6 +230,10 @@ def main(argv=None) -> int:
                              "V=32000 fp32 fwd+bwd, alternating, ROUNDS times")
     parser.add_argument("--ops", default=",".join(OPS), help="comma-separated ops (split a long GPU sweep)")
     parser.add_argument("--n", default=None, help="comma-separated N values to keep from the mode's shapes")
+    parser.add_argument("--shapes", default=None, metavar="NxDxV,...", help="run these shapes instead of the mode's")
+    parser.add_argument("--dtype", default=None, choices=sorted(harness.DTYPES),
+                        help="dtype of --shapes (default: bf16 on a GPU, fp32 on CPU)")
+    parser.add_argument("--passes", default=",".join(PASSES), help="comma-separated passes (fwd, fwd+bwd)")
     args = parser.parse_args(argv)
     kind = harness.device_kind()
     if args.naive_vs_chunked:
@@ -215,14 +241,23 @@ def main(argv=None) -> int:
         return 0
     mode = "tiny" if args.tiny else "quick" if args.quick else kind
     impls = IMPLS if args.impls is None else tuple(args.impls.split(","))
-    ops = args.ops.split(",")
+    ops, passes = args.ops.split(","), args.passes.split(",")
+    for name, got, allowed in (("--ops", ops, OPS), ("--passes", passes, PASSES)):
+        if not set(got) <= set(allowed):
+            raise SystemExit(f"{name}: expected a comma-separated subset of {','.join(allowed)}, got {','.join(got)}")
     sizes = None if args.n is None else {int(n) for n in args.n.split(",")}
-    cases = [Case(op, impl, p, n, d, v, dt) for (op, n, d, v, dt) in shapes(mode) for p in PASSES for impl in impls
+    if args.shapes is None:
+        grid = shapes(mode)
+    else:
+        dtype = args.dtype or ("bf16" if mode == "cuda" else "fp32")
+        grid = [(op, n, d, v, dtype) for op in OPS for (n, d, v) in parse_shapes(args.shapes)]
+    cases = [Case(op, impl, p, n, d, v, dt) for (op, n, d, v, dt) in grid for p in passes for impl in impls
              if op in ops and (sizes is None or n in sizes)]
     budget = args.budget_s if args.budget_s is not None else {"tiny": 0.02, "quick": 1.5}.get(mode, 10.0)
-    rows, notes = harness.run_cases(BENCH, cases, kind, budget_s=budget, max_reps=5 if mode != "tiny" else 2)
-    notes["mode"] = mode
-    harness.write_results("linear_logprobs", kind, rows, notes, Path(args.out), append=args.append)
+    save = harness.saver("linear_logprobs", kind, Path(args.out), append=args.append)
+    rows, notes = harness.run_cases(BENCH, cases, kind, budget_s=budget, max_reps=5 if mode != "tiny" else 2,
+                                    on_progress=lambda rows, notes: save(rows, dict(notes, mode=mode)))
+    save(rows, dict(notes, mode=mode))
     return 0
 
 

@@ -40,8 +40,10 @@ Usage::
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -256,9 +258,21 @@ def fits(result_rows, notes_cases, cap_mb, kind) -> bool:
     return kind == "cuda" or notes_cases[-1]["peak_abs_mb"] <= cap_mb
 
 
-def longest_fitting(impl, config, pairs, dtype, kind, cap_mb, t_max, rows, notes) -> dict:
-    """Doubling from T=256, then bisection in steps of 256; every probe is a row."""
+class OutOfTime(Exception):
+    """The search's time budget ran out before its next probe."""
+
+
+def longest_fitting(impl, config, pairs, dtype, kind, cap_mb, t_max, rows, notes, deadline=math.inf) -> dict:
+    """Doubling from T=256, then bisection in steps of 256; every probe is a row.
+
+    No probe starts after ``deadline`` (``time.monotonic()``): the search then reports the
+    longest T that fitted so far and ``stopped_by_budget``."""
+    fitted = 0
+
     def probe(length):
+        nonlocal fitted
+        if time.monotonic() > deadline:
+            raise OutOfTime
         case = make_case(impl, config, pairs, length, dtype, unchecked=True)
         got_rows, got_notes = harness.run_cases(BENCH, [case], kind, budget_s=0.0, max_reps=1)
         rows.extend(got_rows)
@@ -267,9 +281,14 @@ def longest_fitting(impl, config, pairs, dtype, kind, cap_mb, t_max, rows, notes
         ok = fits(got_rows, got_notes["cases"], cap_mb, kind)
         peak = got_notes["cases"][-1]["peak_abs_mb"] if got_notes["cases"] else None
         print(f"[train_step] probe {impl} T={length}: {'fits' if ok else 'does not fit'} (peak RSS {peak} MB)", flush=True)
+        if ok:
+            fitted = max(fitted, length)
         return ok
 
-    good, capped = longest(probe, t_max)
+    try:
+        good, capped = longest(probe, t_max)
+    except OutOfTime:
+        return {"impl": impl, "max_T": fitted, "search_cap_T": t_max, "hit_search_cap": False, "stopped_by_budget": True}
     return {"impl": impl, "max_T": good, "search_cap_T": t_max, "hit_search_cap": capped}
 
 
@@ -301,7 +320,12 @@ def main(argv=None) -> int:
     parser = harness.common_args(__doc__.splitlines()[0])
     parser.add_argument("--cap-mb", type=float, default=2048.0, help="CPU: peak-RSS cap of a worker for 'fits'")
     parser.add_argument("--no-max-t", action="store_true", help="skip the longest-sequence search")
+    parser.add_argument("--t-max", type=int, default=None, help="cap of the longest-sequence search (default per mode)")
+    parser.add_argument("--search-budget-s", type=float, default=math.inf,
+                        help="start no search probe later than this many seconds after the start, the time split "
+                             "evenly between the implementations' searches (the results so far are kept)")
     args = parser.parse_args(argv)
+    start = time.monotonic()
     kind = harness.device_kind()
     mode = "tiny" if args.tiny else "quick" if args.quick else kind
     config, pairs, length, dtype, t_max = {
@@ -310,6 +334,7 @@ def main(argv=None) -> int:
         "cpu": ("small", 2, 1024, "fp32", 32768),
         "cuda": ("1b", 2, 1024, "bf16", 65536),
     }[mode]
+    t_max = args.t_max or t_max
     load_start = os.getloadavg()[0]
     impls = IMPLS if args.impls is None else tuple(args.impls.split(","))
     budget = args.budget_s if args.budget_s is not None else {"tiny": 0.02, "quick": 3.0}.get(mode, 10.0)
@@ -318,12 +343,23 @@ def main(argv=None) -> int:
     notes.update(mode=mode, config=config, config_params=CONFIGS[config], params_per_model=param_count(config),
                  pairs=pairs, checked_T=length, cap_mb=None if kind == "cuda" else args.cap_mb, max_T=[],
                  impls={k: v for k, v in IMPL_NOTES.items() if k in impls})
+
+    def checkpoint():
+        # After the checked steps and after each search, so that a run cut off later keeps them.
+        notes["loadavg"] = {"start": load_start, "end": os.getloadavg()[0]}
+        save(rows, notes)
+
+    save = harness.saver("train_step", kind, Path(args.out), append=args.append)
+    checkpoint()
     if not args.no_max_t:
-        for impl in impls:
-            notes["max_T"].append(longest_fitting(impl, config, pairs, dtype, kind, args.cap_mb, t_max, rows, notes))
+        for i, impl in enumerate(impls):
+            # Each search gets an equal share of the search time still left.
+            now = time.monotonic()
+            deadline = now + (start + args.search_budget_s - now) / (len(impls) - i)
+            notes["max_T"].append(longest_fitting(impl, config, pairs, dtype, kind, args.cap_mb, t_max, rows, notes,
+                                                  deadline=deadline))
             print("[train_step] " + json.dumps(notes["max_T"][-1]), flush=True)
-    notes["loadavg"] = {"start": load_start, "end": os.getloadavg()[0]}
-    harness.write_results("train_step", kind, rows, notes, Path(args.out), append=args.append)
+            checkpoint()
     return 0
 
 

@@ -102,7 +102,10 @@ def triton_version() -> str:
 
 def git_commit() -> str:
     def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+        except OSError:  # no git on the machine (a bare GPU box): the commit is unknown, not an error
+            return ""
 
     sha = git("rev-parse", "--short=12", "HEAD")
     if not sha:
@@ -292,6 +295,10 @@ class Case:
         bits += [f"{k}={v}" for k, v in sorted(self.extra.items())]
         return "|".join(bits)
 
+    def label(self) -> str:
+        """How notes and logs name the case."""
+        return f"{self.op} {self.impl} {self.pass_} N={self.N} D={self.D} V={self.V} {self.dtype}"
+
     def to_json(self) -> dict:
         return {"op": self.op, "impl": self.impl, "pass": self.pass_, "N": self.N, "D": self.D,
                 "V": self.V, "dtype": self.dtype, "extra": self.extra}
@@ -449,10 +456,12 @@ def _launch(bench: Benchmark, cases: list[Case], expected_dir: Path, kind: str, 
 
 
 def run_cases(bench: Benchmark, cases: list[Case], kind: str, budget_s: float, max_reps: int,
-              worker_args: list[str] = ()) -> tuple[list[dict], dict]:
+              worker_args: list[str] = (), on_progress: Callable[[list, dict], None] | None = None
+              ) -> tuple[list[dict], dict]:
     """Runs every case, one worker process per implementation (oracle first).
 
-    Returns the CSV rows and the notes (skipped/mismatch/OOM reasons, absolute memory).
+    Returns the CSV rows and the notes (skipped/mismatch/OOM reasons, absolute memory);
+    ``on_progress(rows, notes)`` gets them so far after each implementation (see :func:`saver`).
     """
     env = environment(kind)
     notes = {"device": env["device"], "kind": kind, "peak_mb": _PEAK_MEANING[kind], "skipped": [], "cases": []}
@@ -480,6 +489,8 @@ def run_cases(bench: Benchmark, cases: list[Case], kind: str, budget_s: float, m
                 pending = [c for c in pending if c.key() not in done]
             print(f"[{bench.stem}] {impl}: {time.perf_counter() - t0:.1f} s", flush=True)
             _collect(bench, collected, rows, notes, env, kind, gemm_cache)
+            if on_progress is not None:
+                on_progress(rows, notes)
     return rows, notes
 
 
@@ -493,7 +504,7 @@ def _collect(bench, results, rows, notes, env, kind, gemm_cache):
     for res in results:
         case = Case.from_json(res["case"])
         status = res["status"]
-        label = f"{case.op} {case.impl} {case.pass_} N={case.N} D={case.D} V={case.V} {case.dtype}"
+        label = case.label()
         if status == "ok":
             gemm = None
             if bench.gemm_peak and case.D and case.V:
@@ -516,12 +527,18 @@ def _collect(bench, results, rows, notes, env, kind, gemm_cache):
             print(f"  {label}: {status.upper()}: {res['reason']}", flush=True)
 
 
+def row_key(row: dict) -> tuple:
+    """What identifies a case's row in a CSV (everything but the measurements and machine)."""
+    return tuple(str(row[k]) for k in ("op", "impl", "pass", "N", "D", "V", "dtype"))
+
+
 def write_results(stem: str, kind: str, rows: list[dict], notes: dict, out_dir: Path = RESULTS_DIR,
                   append: bool = False) -> Path:
     """Writes ``<stem>_<kind>.csv`` (exactly :data:`COLUMNS`) and its ``.notes.json``.
 
-    ``append`` merges into an existing file (a sweep split over several runs): rows of the
-    same case are replaced, notes lists extended.
+    ``append`` merges into an existing file (a sweep split over several runs, or one run that
+    saves as it goes): rows of the same case are replaced, notes lists extended by the entries
+    they do not hold yet, other notes keys kept unless ``notes`` gives them anew.
     """
     import csv
 
@@ -529,17 +546,16 @@ def write_results(stem: str, kind: str, rows: list[dict], notes: dict, out_dir: 
     path = out_dir / f"{stem}_{kind}.csv"
     notes_path = path.with_suffix(".notes.json")
     if append and path.exists():
-        def key(row):
-            return tuple(str(row[k]) for k in ("op", "impl", "pass", "N", "D", "V", "dtype"))
-
         with path.open() as fh:
             old_rows = list(csv.DictReader(fh))
-        new_keys = {key(r) for r in rows}
-        rows = [r for r in old_rows if key(r) not in new_keys] + rows
+        new_keys = {row_key(r) for r in rows}
+        rows = [r for r in old_rows if row_key(r) not in new_keys] + rows
         if notes_path.exists():
             old_notes = json.loads(notes_path.read_text())
+            notes = {**old_notes, **notes}
             for name in ("skipped", "cases"):
-                notes[name] = old_notes.get(name, []) + notes.get(name, [])
+                old_list = old_notes.get(name, [])
+                notes[name] = old_list + [entry for entry in notes.get(name, []) if entry not in old_list]
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
@@ -548,6 +564,20 @@ def write_results(stem: str, kind: str, rows: list[dict], notes: dict, out_dir: 
     notes_path.write_text(json.dumps(notes, indent=1) + "\n")
     print(f"wrote {path} ({len(rows)} rows)", flush=True)
     return path
+
+
+def saver(stem: str, kind: str, out_dir: Path, append: bool = False) -> Callable[[list, dict], None]:
+    """``save(rows, notes)`` that writes the results so far (:func:`write_results`) each time it
+    is called, so that a run cut off later keeps them; the first call replaces an existing file
+    unless ``append``, later calls merge into what the earlier ones wrote."""
+    state = {"append": append}
+
+    def save(rows: list, notes: dict) -> None:
+        # A copy: write_results merges into the notes it is given.
+        write_results(stem, kind, list(rows), json.loads(json.dumps(notes)), out_dir, append=state["append"])
+        state["append"] = True
+
+    return save
 
 
 def worker_main(bench: Benchmark, argv: list[str]) -> bool:

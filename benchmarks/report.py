@@ -13,6 +13,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_runbook import runbook_section  # noqa: E402
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 IMPL_ORDER = ("triton", "reference", "ours", "eager", "compile", "torch_linear_ce", "liger", "cce")
 KIND_TITLE = {"cpu": "CPU", "cuda": "GPU"}
@@ -107,7 +110,9 @@ def skipped_lines(notes) -> list[str]:
     """Skipped / mismatching / OOM implementations, grouped by reason."""
     by_reason = defaultdict(list)
     for s in notes.get("skipped", []):
-        impl = s["label"].split()[1]
+        parts = s["label"].split()
+        # A case's label is "op impl pass ..."; a whole stage cut off is named by its op alone.
+        impl = parts[1] if len(parts) > 1 else "all"
         by_reason[(impl, s["status"], s["reason"])].append(s["label"])
     lines = []
     for (impl, status, reason), labels in sorted(by_reason.items()):
@@ -170,6 +175,65 @@ def naive_vs_chunked(rows, notes, source: str) -> list[str]:
             ] + _table(header, body)
 
 
+#: The GPU issue's targets, for forward + backward of this op and shape, measured in one run.
+TARGET = {"op": "linear_logprobs_and_rewards", "pass": "fwd+bwd", "N": 16384, "D": 4096, "V": 128256, "dtype": "bf16"}
+TARGET_GEMM_FRAC = 0.60
+TARGET_EXTRA_MEMORY = 0.10
+ITEMSIZE = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def target_check(rows, target: dict = TARGET, ours: str = "triton") -> list[dict]:
+    """The GPU issue's three targets at ``target``'s shape, from one run's rows.
+
+    Returns ``[{"target", "value", "met"}]``; ``met`` is None where a number is missing (not
+    measured, OOM, skipped). GEMM fraction: 6NDV FLOPs per call (the reward head's 6ND left
+    out) over the same run's ``torch.matmul`` rate on ``[N, D] x [D, V]``. Extra memory: peak
+    beyond the inputs (``peak_mb``, which holds the gradients) minus the gradients, over inputs
+    + gradients (hidden, weight, value_weight in the run's dtype, int64 targets).
+    """
+    sel = {r["impl"]: r for r in rows if all(str(r[k]) == str(v) for k, v in target.items())}
+
+    def ms(impl):
+        return _num(sel[impl]["ms"]) if impl in sel else None
+
+    n, d, v, item = target["N"], target["D"], target["V"], ITEMSIZE[target["dtype"]]
+    mine = ms(ours)
+    checks = []
+    for peer, name in (("cce", "cut-cross-entropy"), ("liger", "Liger-Kernel")):
+        theirs = ms(peer)
+        value = f"{ours} {_ms(sel.get(ours, {}).get('ms'))} ms, {peer} {_ms(sel.get(peer, {}).get('ms'))} ms"
+        checks.append({"target": f"faster than {name}", "value": value,
+                       "met": None if not (mine and theirs) else mine < theirs})
+    row = sel.get(ours, {})
+    tflops, frac = _num(row.get("tflops")), _num(row.get("gemm_frac"))
+    if mine and tflops and frac:
+        gemm = tflops / frac
+        achieved = 6.0 * n * d * v / (mine * 1e-3) / 1e12
+        checks.append({"target": f">= {TARGET_GEMM_FRAC:.0%} of the run's bf16 GEMM rate (6NDV)",
+                       "value": f"{achieved:.4g} / {gemm:.4g} TFLOP/s = {achieved / gemm:.1%}",
+                       "met": achieved / gemm >= TARGET_GEMM_FRAC})
+    else:
+        checks.append({"target": f">= {TARGET_GEMM_FRAC:.0%} of the run's bf16 GEMM rate (6NDV)", "value": "not measured",
+                       "met": None})
+    params_mb = (n * d + v * d + d) * item / (1024.0 * 1024.0)
+    inputs_grads_mb = 2 * params_mb + n * 8 / (1024.0 * 1024.0)
+    peak = _num(row.get("peak_mb"))
+    extra = None if peak is None else (peak - params_mb) / inputs_grads_mb
+    checks.append({"target": f"peak extra memory <= {TARGET_EXTRA_MEMORY:.0%} of inputs + grads",
+                   "value": "not measured" if extra is None else
+                   f"{peak - params_mb:.4g} MB beyond inputs and grads / {inputs_grads_mb:.4g} MB = {extra:.1%}",
+                   "met": None if extra is None else extra <= TARGET_EXTRA_MEMORY})
+    return checks
+
+
+def target_lines(rows) -> list[str]:
+    shape = ", ".join(f"{k}={TARGET[k]}" for k in ("N", "D", "V"))
+    body = [[c["target"], c["value"], {True: "met", False: "NOT met", None: "not measured"}[c["met"]]]
+            for c in target_check(rows)]
+    return [f"**GPU targets** (`{TARGET['op']}`, {TARGET['pass']}, {shape}, {TARGET['dtype']}; ours = `triton`, "
+            "all numbers from the same run)", ""] + _table(["target", "measured", "verdict"], body)
+
+
 def consistency_tables(rows, notes) -> list[str]:
     copy = notes.get("copy_gbps")
     out = [f"Bytes model: {notes.get('bytes_model', '')}. Measured copy bandwidth of this device: "
@@ -222,7 +286,8 @@ def train_step_tables(rows, notes) -> list[str]:
         rule = f"peak RSS of the worker process <= {cap:.0f} MB" if cap else "no CUDA out-of-memory"
         out += [f"**Longest sequence that fits** ({rule}; T doubled from 256, then bisected in steps of 256):", ""]
         out += _table(["impl", "max T", "note"], [
-            [m["impl"], m["max_T"], f"search capped at T={m['search_cap_T']}" if m["hit_search_cap"] else ""]
+            [m["impl"], m["max_T"], "search stopped by the time budget (a lower bound)" if m.get("stopped_by_budget")
+             else f"search capped at T={m['search_cap_T']}" if m["hit_search_cap"] else ""]
             for m in notes["max_T"]])
     return out
 
@@ -259,16 +324,9 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     kinds = sorted({p.stem.rsplit("_", 1)[1] for p in csvs})
     if "cuda" not in kinds:
         lines += ["**GPU numbers are pending**: no GPU was available when these were measured; "
-                  "the GPU sweep (N in {4096, 16384, 65536} x V in {32000, 128256, 256000} x D in {2048, 4096}, "
-                  "bf16, plus the ICRM paper recipe N=6144, D=2048, V=256000) runs with "
-                  "these commands on a CUDA machine (the sweep is split so that each run stays short):", "",
-                  "```",
-                  "python benchmarks/bench_linear_logprobs.py --ops linear_logprobs",
-                  "python benchmarks/bench_linear_logprobs.py --ops linear_logprobs_and_rewards --append",
-                  "python benchmarks/bench_consistency.py",
-                  "python benchmarks/bench_train_step.py      # Llama-3.2-1B-style config (D=2048, V=128256), bf16",
-                  "python benchmarks/plot.py && python benchmarks/report.py",
-                  "```", ""]
+                  "the GPU sweep (N in {4096, 16384} x D in {2048, 4096} x V in {32000, 128256, 256000}, bf16, "
+                  "plus the ICRM paper recipe N=6144, D=2048, V=256000), the CUDA tests, `consistency_loss` and the "
+                  "train step run with the GPU runbook (last section).", ""]
     for path in csvs:
         rows, notes = load(path)
         stem, kind = path.stem.rsplit("_", 1)
@@ -283,6 +341,8 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
                 lines += naive_vs_chunked(*load(ab), "alternating A/B rounds, a fresh process per call, "
                                           "from `bench_linear_logprobs.py --naive-vs-chunked`")
             lines += naive_vs_chunked(rows, notes, "from the sweep below")
+            if kind == "cuda":
+                lines += target_lines(rows)
             lines += shape_tables(rows, notes, gemm=True)
         elif stem == "consistency":
             lines += consistency_tables(rows, notes)
@@ -296,6 +356,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
         for png in sorted(results_dir.glob(f"{path.stem}__*.png")):
             lines += [f"![{png.stem}]({png.name})", ""]
     lines += predicted_section(results_dir)
+    lines += runbook_section(results_dir)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -358,7 +419,8 @@ def summary(results_dir: Path = RESULTS_DIR) -> str:
     csvs = measured_csvs(results_dir)
     if not any(p.stem.endswith("_cuda") for p in csvs):
         lines += ["**GPU numbers are pending** (no GPU has been lent to this project yet); the CPU numbers "
-                  "below compare the PyTorch paths. The commands for the GPU sweep are in the results README.", ""]
+                  "below compare the PyTorch paths. The GPU runbook that measures them is described in the results "
+                  "README.", ""]
     for path in csvs:
         stem, kind = path.stem.rsplit("_", 1)
         rows, notes = load(path)
