@@ -47,10 +47,11 @@ def assert_three_way(kern, eager, gold, dtype, name=""):
 
 def poison_allocations(monkeypatch, kernels_module):
     """Make ``kernels_module._empty`` (the launchers' output allocator) return NaN-filled
-    buffers, so a tile the kernels forget to write shows up as NaN."""
+    buffers (integer ones all-ones bits, e.g. a ``live`` flag set), so a tile the kernels
+    forget to write shows up as NaN."""
 
     def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
 
     monkeypatch.setattr(kernels_module, "_empty", nan_empty)
 
