@@ -119,17 +119,19 @@ def check_launch(name, signature, constexprs, kernel, capability, arch):
     if shared > limit:
         problems.append(f"{shared} B shared memory > {limit} B ({arch})")
     ptx = kernel.asm["ptx"]
-    names = list(signature)
-    precision = constexprs.get((names.index("DOT_PRECISION"),)) if "DOT_PRECISION" in names else None
-    if precision == "ieee" and "tf32" in ptx:
-        problems.append("fp32 launch (ieee) has tf32 instructions in its PTX")
-    if precision == "tf32" and name in GEMM_KERNELS:
+    operand = next(t for t in signature.values() if t.startswith("*"))  # the first pointer: the inputs' dtype
+    if name in GEMM_KERNELS:
+        if operand == "*fp32" and "tf32" in ptx:
+            problems.append("fp32 launch has tf32 instructions in its PTX (ieee was asked)")
         mma = "wgmma" if capability >= 90 else "mma.sync"
-        if mma not in ptx:
+        if operand in ("*fp16", "*bf16") and mma not in ptx:
             problems.append(f"16-bit GEMM without {mma}")
-    narrow = re.findall(r"tt\.addptr %\S+, %\S+ : tensor<[^>]*>, tensor<[0-9x]+xi32", kernel.asm["ttir"])
-    if narrow:
-        problems.append(f"{len(narrow)} tensor pointer offsets are i32 in the TTIR (index math must be int64)")
+    ttir = kernel.asm["ttir"]
+    narrow_ptr = re.findall(r"tt\.addptr %\S+, %\S+ : tensor<[^>]*>, tensor<[0-9x]+xi32>", ttir)
+    narrow_mul = re.findall(r"arith\.muli [^\n]*: tensor<[0-9x]+xi32>", ttir)
+    if narrow_ptr or narrow_mul:
+        problems.append(f"{len(narrow_ptr)} i32 tensor pointer offsets and {len(narrow_mul)} i32 tensor "
+                        "products in the TTIR (index math must be int64)")
     return problems, report, shared
 
 

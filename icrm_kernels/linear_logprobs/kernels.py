@@ -180,8 +180,10 @@ def _forward_kernel(
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
         run_max = new_max
-        # Targets are global ids; this weight holds [vocab_start, vocab_start + V).
-        target_logit += tl.sum(tl.where(cols[None, :] + vocab_start == targets[:, None], z, 0.0), axis=1)
+        # Targets are global ids; this weight holds [vocab_start, vocab_start + V) (a target past
+        # its end must not match a masked column of the last tile).
+        is_target = (cols[None, :] + vocab_start == targets[:, None]) & col_mask[None, :]
+        target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
 
     partial = split.to(tl.int64) * N + rows
     tl.store(split_lse_ptr + partial, run_max + tl.log(run_sum), mask=row_mask)
