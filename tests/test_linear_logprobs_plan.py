@@ -27,6 +27,21 @@ def test_workspace_within_ten_percent_at_target_shapes(n, d, v, dtype, arch):
     assert p.row_chunk % bm == 0 and p.num_chunks == -(-n // p.row_chunk)
 
 
+@pytest.mark.parametrize("arch", ["sm_90", "sm_86", "interpreter"])
+@pytest.mark.parametrize("n,d,v", [(1, 64, 32000), (300, 128, 32000), (4096, 512, 32000), (2, 16, 1000), (9, 8, 50)])
+def test_workspace_within_bound_down_to_one_row(n, d, v, arch):
+    """Small D: fewer rows than a row block per chunk, still within 10%, unless one row of dx
+    plus lse is already over it (``within_budget`` then says so)."""
+    p = plan.launch_plan(n, d, v, "bf16", arch)
+    one_row = 4 * n + 4 * d + v * 2 + -(-v // plan.configs("bf16", arch).dlogits.block_n)
+    assert p.within_budget == (p.workspace_bytes <= p.budget_bytes)
+    if one_row <= p.budget_bytes:
+        assert p.within_budget, (p.row_chunk, p.workspace_bytes, p.budget_bytes)
+    else:
+        assert p.row_chunk == 1
+    assert p.row_chunk >= 1 and p.num_chunks * p.row_chunk >= n
+
+
 def test_workspace_bytes_formula():
     p = plan.launch_plan(1000, 512, 32000, "bf16", "sm_90")
     cfg = plan.configs("bf16", "sm_90")

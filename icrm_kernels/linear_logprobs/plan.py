@@ -52,8 +52,9 @@ Row blocks in the backward are counted inside the chunk (0 = the chunk's first r
 Memory bound (issue 10): the extra memory of forward + backward (``workspace_bytes``) stays
 within ``WORKSPACE_FRACTION`` of the inputs plus their gradients (hidden and weight, twice).
 ``row_chunk`` is the largest multiple of the dlogits ``block_m`` that fits; when even one row
-block of ``dx`` does not fit (tiny D), ``row_chunk`` is one row block and the bound does not
-hold (``LaunchPlan.within_budget`` says so).
+block of ``dx`` does not fit (small D), it is the largest row count that fits (the row blocks
+then partly masked), down to one row; only when a single row of ``dx`` plus ``lse`` exceeds the
+budget (D of a few units) does the bound not hold (``LaunchPlan.within_budget`` says so).
 """
 
 from __future__ import annotations
@@ -297,8 +298,8 @@ def flag_bytes(rows: int, V: int, cfg: ArchConfig) -> int:
 def launch_plan(N: int, D: int, V: int, dtype: str, arch: str, *, row_chunk: int | None = None) -> LaunchPlan:
     """The launches for ``hidden [N, D]``, ``weight [V, D]`` in ``dtype`` on ``arch``.
 
-    ``row_chunk`` (private, for tests): force the backward chunk size (rounded up to a multiple
-    of the dlogits ``block_m``) instead of the largest one within the memory budget.
+    ``row_chunk`` (private, for tests): force the backward chunk size instead of the largest one
+    within the memory budget.
 
     ``workspace_bytes``: peak extra memory of forward + backward besides inputs, outputs and
     gradients: ``lse [N]`` fp32 (saved by the forward) plus the larger of the forward's
@@ -325,11 +326,14 @@ def launch_plan(N: int, D: int, V: int, dtype: str, arch: str, *, row_chunk: int
     fixed = 4 * N + 4 * D
     budget = int(WORKSPACE_FRACTION * 2 * (N + V) * D * esize)
     per_block = bm * V * esize + cdiv(V, cfg.dlogits.block_n)
-    if row_chunk is None:
-        chunk_blocks = max(1, (budget - fixed) // per_block)
+    if row_chunk is not None:
+        chunk = max(1, row_chunk)
+    elif budget - fixed >= per_block:
+        chunk = (budget - fixed) // per_block * bm
     else:
-        chunk_blocks = max(1, cdiv(row_chunk, bm))
-    chunk = min(chunk_blocks, max(1, cdiv(N, bm))) * bm
+        # Not even one row block fits (small D): fewer rows per chunk, the tiles partly masked.
+        chunk = max(1, (budget - fixed - cdiv(V, cfg.dlogits.block_n)) // (V * esize))
+    chunk = min(chunk, max(1, cdiv(N, bm) * bm))
     workspace = 4 * N + max(2 * 4 * splits * N, chunk * V * esize + flag_bytes(chunk, V, cfg) + 4 * D)
     backward = _backward_launches(min(chunk, N) if N else chunk, D, V, cfg)
     return LaunchPlan(N, D, V, dtype, arch, splits, chunk, workspace, forward, backward)
