@@ -23,7 +23,8 @@ BACKENDS = ("auto", "triton", "reference")
 #: ``triton`` is first imported, so changing the variable later has no effect.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-#: Opt-in autotuning for the kernels (fixed, documented block sizes otherwise).
+#: Opt-in autotuning for the consistency kernels (fixed, documented block sizes otherwise; the
+#: linear_logprobs kernels always follow their launch plan, linear_logprobs/plan.py).
 AUTOTUNE = os.environ.get("ICRM_KERNELS_AUTOTUNE", "0") == "1"
 
 

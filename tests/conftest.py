@@ -24,11 +24,13 @@ from icrm_kernels import _dispatch  # noqa: E402
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
-def assert_three_way(kern, eager, gold, dtype, name=""):
+def assert_three_way(kern, eager, gold, dtype, name="", slack=0.0):
     """HOUSE_STYLE three-way rule: ``max|kern - gold| <= 2 * max|eager - gold| + atol``.
 
     ``gold`` is the float64 reference, ``eager`` the reference in the test dtype, ``kern``
     the implementation under test. NaN anywhere in ``kern`` fails (unless gold has it too).
+    ``slack``: a documented extra error of the implementation (e.g. the 16-bit d_weight
+    accumulated over row chunks in linear_logprobs' kernels), added to the bound.
     """
     __tracebackhide__ = True
     assert kern is not None, f"{name}: no value (gradient missing?)"
@@ -41,16 +43,17 @@ def assert_three_way(kern, eager, gold, dtype, name=""):
         return
     err = (kern - gold)[finite].abs().max().item()
     ref_err = (eager - gold)[finite].abs().max().item()
-    bound = 2 * ref_err + ATOL[dtype]
+    bound = 2 * ref_err + ATOL[dtype] + slack
     assert err <= bound, f"{name}: max|kern-gold| = {err:.3g} > 2*max|eager-gold| + atol = {bound:.3g} ({dtype})"
 
 
 def poison_allocations(monkeypatch, kernels_module):
     """Make ``kernels_module._empty`` (the launchers' output allocator) return NaN-filled
-    buffers, so a tile the kernels forget to write shows up as NaN."""
+    buffers (integer ones all-ones bits, e.g. a ``live`` flag set), so a tile the kernels
+    forget to write shows up as NaN."""
 
     def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
 
     monkeypatch.setattr(kernels_module, "_empty", nan_empty)
 

@@ -60,10 +60,26 @@ def _check_inputs(hidden, weight, targets, bias, value_weight, value_bias, tempe
     check_targets(targets, vocab, ignore_index)
 
 
-def _run(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index, backend):
+def resolve_filter_eps(grad_filter_eps, dtype: torch.dtype) -> float | None:
+    """``None | "auto" | float >= 0`` -> the threshold the kernels use (None: off). ``"auto"``:
+    ``finfo(dtype).eps / 32`` for fp16 / bf16 (cut-cross-entropy's default), off for fp32."""
+    if grad_filter_eps is None:
+        return None
+    if isinstance(grad_filter_eps, str):
+        if grad_filter_eps != "auto":
+            raise ValueError(f"grad_filter_eps must be None, 'auto' or a float >= 0, got {grad_filter_eps!r}")
+        return None if dtype in (torch.float32, torch.float64) else torch.finfo(dtype).eps / 32
+    if isinstance(grad_filter_eps, bool) or not isinstance(grad_filter_eps, (int, float)) or not grad_filter_eps >= 0:
+        raise ValueError(f"grad_filter_eps must be None, 'auto' or a float >= 0, got {grad_filter_eps!r}")
+    return float(grad_filter_eps)
+
+
+def _run(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index, backend,
+         grad_filter_eps):
     if isinstance(value_bias, (int, float)) and not isinstance(value_bias, bool) and isinstance(hidden, torch.Tensor):
         value_bias = torch.tensor(float(value_bias), dtype=hidden.dtype, device=hidden.device)
     _check_inputs(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index)
+    grad_filter_eps = resolve_filter_eps(grad_filter_eps, hidden.dtype)
     lead = targets.shape
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     targets1d = targets.reshape(-1).to(torch.int64)
@@ -72,7 +88,8 @@ def _run(hidden, weight, targets, bias, value_weight, value_bias, temperature, s
         from .kernels import linear_logprobs_triton
 
         logp, rewards = linear_logprobs_triton(
-            hidden2d, weight, targets1d, bias, value_weight, value_bias, temperature, softcap, ignore_index
+            hidden2d, weight, targets1d, bias, value_weight, value_bias, temperature, softcap, ignore_index,
+            grad_filter_eps,
         )
     else:
         logp = linear_logprobs_auto_reference(hidden2d, weight, targets1d, bias, temperature, softcap, ignore_index)
@@ -90,6 +107,7 @@ def linear_logprobs(
     softcap: float | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    grad_filter_eps: float | str | None = "auto",
 ) -> torch.Tensor:
     """Log-probability of each target token under ``softcap(hidden @ weight.T + bias) / temperature``.
 
@@ -102,13 +120,18 @@ def linear_logprobs(
         softcap: optional > 0 logit cap ``c * tanh(x / c)`` applied before the temperature.
         ignore_index: target value whose rows give 0 and no gradient.
         backend: ``"auto" | "triton" | "reference"`` (see ``icrm_kernels._dispatch``).
+        grad_filter_eps: the Triton backward's gradient filter (``kernels.py`` header): vocab
+            tiles whose softmax gradient ``|1[j = target] - p_j|`` stays below it for every row
+            of the tile are skipped. ``"auto"``: ``finfo(dtype).eps / 32`` for fp16 / bf16
+            (cut-cross-entropy's default), off for fp32; ``None``: off (exact); or a float >= 0.
+            The reference backend never filters.
 
     Returns:
         ``[N]`` (or ``[...]``) float32 log-probs (float64 for float64 inputs). Gradients
         flow to ``hidden``, ``weight`` and ``bias`` in their own dtypes. NaN/inf in the
         inputs propagate to the outputs of the rows they touch; they never raise.
     """
-    logp, _ = _run(hidden, weight, targets, bias, None, None, temperature, softcap, ignore_index, backend)
+    logp, _ = _run(hidden, weight, targets, bias, None, None, temperature, softcap, ignore_index, backend, grad_filter_eps)
     return logp
 
 
@@ -124,15 +147,17 @@ def linear_logprobs_and_rewards(
     softcap: float | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    grad_filter_eps: float | str | None = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`linear_logprobs` plus the per-token reward ``hidden @ value_weight + value_bias``.
 
     ``value_weight`` is ``[D]`` or ``[1, D]`` (an ``nn.Linear(D, 1).weight``), ``value_bias``
-    a number or a tensor of shape ``[]`` or ``[1]``. Rewards are computed for every row, ignored targets included.
+    a number or a tensor of shape ``[]`` or ``[1]``; the other arguments as there. Rewards are computed for every row, ignored targets included.
 
     Returns:
         ``(logprobs [N], rewards [N])``, both float32 (float64 for float64 inputs).
     """
     if value_weight is None:
         raise TypeError("value_weight must be a torch.Tensor of shape [D] or [1, D], got None")
-    return _run(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index, backend)
+    return _run(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index, backend,
+                grad_filter_eps)

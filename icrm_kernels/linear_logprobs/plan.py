@@ -24,10 +24,11 @@ Launches (``M`` / ``N`` axes of each grid, ``K`` the reduction loop):
 * Backward, per chunk of ``row_chunk`` rows (``backward_chunk(rows)``):
   ``_dlogits_kernel`` (M = row blocks of the chunk, N = vocab tiles; K = D) writes
   ``dx [rows, V]`` in the input dtype and the ``live`` flags ``[row blocks, vocab tiles]``;
-  ``_dhidden_kernel`` (M = row blocks, N = blocks of ``block_n`` hidden dims; K = vocab
-  tiles, ``block_k`` = the dlogits' ``block_n``, so one K step = one flag);
-  ``_dweight_kernel`` (M = vocab tiles, N = blocks of hidden dims; K = row blocks,
-  ``block_k`` = the dlogits' ``block_m``).
+  ``_dhidden_kernel`` (M = row blocks, N = blocks of ``block_n`` hidden dims; K = V in steps
+  of ``block_k``, which divides the dlogits' ``block_n``: each flag covers
+  ``dlogits.block_n / block_k`` K steps);
+  ``_dweight_kernel`` (M = vocab tiles, N = blocks of hidden dims; K = the chunk's rows in
+  steps of ``block_k``, which divides the dlogits' ``block_m``).
   Every chunk issues these three launches; the last chunk has ``N - (chunks-1) * row_chunk``
   rows, so its dlogits / dhidden grids have fewer row blocks and the dweight K loop is
   shorter. ``LaunchPlan.backward`` is the launches of a full first chunk.
@@ -40,18 +41,20 @@ Launches (``M`` / ``N`` axes of each grid, ``K`` the reduction loop):
 * ``_forward_kernel`` and ``_dlogits_kernel``: ``(row_block, vocab_tile)`` per logit tile
   (each tile reads ``block_m`` hidden rows and ``block_n`` weight rows, all of D).
 * ``_merge_kernel``: ``(row_block, split)`` with ``MERGE_BLOCK``-row blocks.
-* ``_dhidden_kernel``: ``(row_block, vocab_tile)`` per K step (``dx[rows, tile]`` and
-  ``weight[tile, dims]``), for the program's dims block ``program(pid)[1]``.
-* ``_dweight_kernel``: ``(vocab_tile, row_block)`` per K step (``dx[rows, tile]`` and
-  ``hidden[rows, dims]``).
+* ``_dhidden_kernel``: ``(row_block, vocab_tile)`` per flag tile of its K loop (``dx[rows,
+  tile]`` and ``weight[tile, dims]``, read in ``dlogits.block_n / block_k`` K steps), for the
+  program's dims block ``program(pid)[1]``.
+* ``_dweight_kernel``: ``(vocab_tile, row_block)`` per flag tile of its K loop (``dx[rows,
+  tile]`` and ``hidden[rows, dims]``, in ``dlogits.block_m / block_k`` K steps).
 
 Row blocks in the backward are counted inside the chunk (0 = the chunk's first rows).
 
 Memory bound (issue 10): the extra memory of forward + backward (``workspace_bytes``) stays
 within ``WORKSPACE_FRACTION`` of the inputs plus their gradients (hidden and weight, twice).
 ``row_chunk`` is the largest multiple of the dlogits ``block_m`` that fits; when even one row
-block of ``dx`` does not fit (tiny D), ``row_chunk`` is one row block and the bound does not
-hold (``LaunchPlan.within_budget`` says so).
+block of ``dx`` does not fit (small D), it is the largest row count that fits (the row blocks
+then partly masked), down to one row; only when a single row of ``dx`` plus ``lse`` exceeds the
+budget (D of a few units) does the bound not hold (``LaunchPlan.within_budget`` says so).
 """
 
 from __future__ import annotations
@@ -96,46 +99,57 @@ def _c(bm, bn, bk, gm, w, s):
     return KernelConfig(bm, bn, bk, gm, w, s)
 
 
-# 16-bit configurations. The backward's tiles are coupled: dhidden's block_m and dweight's
-# block_k are the dlogits' block_m (row blocks), dhidden's block_k and dweight's block_m the
-# dlogits' block_n (vocab tiles), so that each K step of dhidden / dweight reads exactly one
-# ``live`` flag. group_m x max_splits is about one wave of forward programs (SM count at one
-# CTA per SM): sm_80 108 SMs, sm_86 84 (A10/3090 72-82), sm_89 128-142, sm_90 132.
-# Shared memory (stages x (A tile + B tile)) is kept under each architecture's limit; the
-# compile check (tests/gpu_compile.py) reads the real numbers from ptxas.
+# 16-bit configurations. The backward's tiles are coupled through the ``live`` flags, one per
+# dlogits tile (block_m rows x block_n vocab entries): dhidden's block_m is the dlogits' block_m
+# and its block_k divides the dlogits' block_n; dweight's block_m is the dlogits' block_n and
+# its block_k divides the dlogits' block_m (``_check_coupling``). group_m x max_splits is about
+# one wave of forward programs (SM count at one CTA per SM): sm_80 108 SMs, sm_86 84 (A10 /
+# 3090: 72-82), sm_89 128-142, sm_90 132. Registers: 8 warps keep the fp32 accumulator of a
+# 128 x 128 tile at 64 registers a thread and a K step of 32 keeps the two operand pointer
+# tiles at 32 registers each, so nothing spills (sm_80's dlogits takes K steps of 16: with
+# Triton 3.6 its softcap epilogue spilled at 32); shared memory (stages x (A + B tile)) stays
+# under each architecture's limit. tests/gpu_compile.py checks both with ptxas.
 _CONFIGS = {
     "sm_90": ArchConfig(
-        forward=_c(128, 128, 64, 16, 8, 3), dlogits=_c(128, 128, 64, 8, 8, 3),
-        dhidden=_c(128, 128, 128, 8, 8, 3), dweight=_c(128, 128, 128, 4, 8, 3),
+        forward=_c(128, 128, 32, 16, 8, 4), dlogits=_c(128, 128, 32, 8, 8, 4),
+        dhidden=_c(128, 128, 32, 8, 8, 4), dweight=_c(128, 64, 32, 4, 8, 4),
         max_splits=8, min_split_tiles=16,
     ),
     "sm_80": ArchConfig(
-        forward=_c(128, 128, 32, 12, 8, 4), dlogits=_c(128, 128, 32, 8, 8, 4),
-        dhidden=_c(128, 128, 128, 8, 8, 2), dweight=_c(128, 128, 128, 4, 8, 2),
+        forward=_c(128, 128, 32, 12, 8, 4), dlogits=_c(128, 128, 16, 8, 8, 4),
+        dhidden=_c(128, 128, 32, 8, 8, 4), dweight=_c(128, 64, 32, 4, 8, 4),
         max_splits=8, min_split_tiles=16,
     ),
     "sm_86": ArchConfig(
-        forward=_c(128, 128, 32, 9, 8, 3), dlogits=_c(128, 64, 32, 8, 4, 3),
-        dhidden=_c(128, 64, 64, 8, 4, 3), dweight=_c(64, 64, 128, 4, 4, 2),
+        forward=_c(128, 128, 32, 9, 8, 3), dlogits=_c(128, 64, 32, 8, 8, 3),
+        dhidden=_c(128, 64, 32, 8, 8, 3), dweight=_c(64, 64, 32, 4, 4, 3),
         max_splits=8, min_split_tiles=16,
     ),
     "sm_89": ArchConfig(
-        forward=_c(128, 128, 32, 16, 8, 3), dlogits=_c(128, 64, 32, 8, 4, 3),
-        dhidden=_c(128, 64, 64, 8, 4, 3), dweight=_c(64, 64, 128, 4, 4, 2),
+        forward=_c(128, 128, 32, 16, 8, 3), dlogits=_c(128, 64, 32, 8, 8, 3),
+        dhidden=_c(128, 64, 32, 8, 8, 3), dweight=_c(64, 64, 32, 4, 4, 3),
         max_splits=8, min_split_tiles=16,
     ),
     "default": ArchConfig(
         forward=_c(64, 64, 32, 8, 4, 2), dlogits=_c(64, 64, 32, 8, 4, 2),
-        dhidden=_c(64, 64, 64, 8, 4, 2), dweight=_c(64, 64, 64, 4, 4, 2),
+        dhidden=_c(64, 64, 32, 8, 4, 2), dweight=_c(64, 64, 32, 4, 4, 2),
         max_splits=4, min_split_tiles=16,
     ),
-    # Small blocks so that interpreter tests span many tiles, splits and chunks.
+    # Small blocks so that interpreter tests span many tiles, splits and chunks; dhidden and
+    # dweight take two K steps per flag tile.
     "interpreter": ArchConfig(
         forward=_c(16, 32, 16, 2, 1, 1), dlogits=_c(16, 32, 16, 2, 1, 1),
-        dhidden=_c(16, 16, 32, 2, 1, 1), dweight=_c(32, 16, 16, 2, 1, 1),
+        dhidden=_c(16, 16, 16, 2, 1, 1), dweight=_c(32, 16, 8, 2, 1, 1),
         max_splits=3, min_split_tiles=2,
     ),
 }
+
+
+def _check_coupling(cfg: ArchConfig) -> None:
+    dl, dh, dw = cfg.dlogits, cfg.dhidden, cfg.dweight
+    if not (dh.block_m == dl.block_m and dl.block_n % dh.block_k == 0
+            and dw.block_m == dl.block_n and dl.block_m % dw.block_k == 0):
+        raise ValueError(f"backward tiles are not coupled through the live flags: {cfg}")
 
 
 def arch_of(capability: tuple[int, int] | None) -> str:
@@ -147,19 +161,21 @@ def arch_of(capability: tuple[int, int] | None) -> str:
 
 
 def configs(dtype: str, arch: str) -> ArchConfig:
-    """The architecture's configuration for ``dtype``: fp32 operands take twice the bytes, so
-    the forward / dlogits D chunk and the dhidden / dweight dims block are halved (the coupled
-    backward tile sizes stay)."""
+    """The architecture's configuration for ``dtype``. fp32 operands take twice the bytes and
+    its ieee ``tl.dot`` runs on FMA units with more live registers, so the K steps, the row
+    blocks and the dhidden / dweight dims blocks are halved (nothing spills)."""
     _check(dtype, arch)
     cfg = _CONFIGS[arch]
+    _check_coupling(cfg)
     if dtype != "fp32" or arch == "interpreter":
         return cfg
     half = lambda c, **kw: KernelConfig(**{**c.__dict__, **kw})  # noqa: E731
     return ArchConfig(
-        forward=half(cfg.forward, block_k=cfg.forward.block_k // 2),
-        dlogits=half(cfg.dlogits, block_k=cfg.dlogits.block_k // 2),
-        dhidden=half(cfg.dhidden, block_n=cfg.dhidden.block_n // 2),
-        dweight=half(cfg.dweight, block_n=cfg.dweight.block_n // 2),
+        forward=half(cfg.forward, block_m=cfg.forward.block_m // 2, block_k=max(16, cfg.forward.block_k // 2)),
+        dlogits=half(cfg.dlogits, block_m=cfg.dlogits.block_m // 2, block_k=max(16, cfg.dlogits.block_k // 2)),
+        dhidden=half(cfg.dhidden, block_m=cfg.dhidden.block_m // 2, block_n=cfg.dhidden.block_n // 2,
+                     block_k=cfg.dhidden.block_k // 2),
+        dweight=half(cfg.dweight, block_n=cfg.dweight.block_n // 2, block_k=cfg.dweight.block_k // 2),
         max_splits=cfg.max_splits, min_split_tiles=cfg.min_split_tiles,
     )
 
@@ -203,7 +219,7 @@ class Launch:
     config: KernelConfig
     grid_m: int
     grid_n: int
-    k_tiles: int       # K steps per program (forward: vocab tiles per split, the last may have fewer)
+    k_tiles: int       # K loop length in flag / vocab tiles (forward: tiles per split, the last may have fewer)
     k_total: int = 0   # forward only: vocab tiles in all
 
     def program(self, pid: int) -> tuple[int, int]:
@@ -283,8 +299,8 @@ def flag_bytes(rows: int, V: int, cfg: ArchConfig) -> int:
 def launch_plan(N: int, D: int, V: int, dtype: str, arch: str, *, row_chunk: int | None = None) -> LaunchPlan:
     """The launches for ``hidden [N, D]``, ``weight [V, D]`` in ``dtype`` on ``arch``.
 
-    ``row_chunk`` (private, for tests): force the backward chunk size (rounded up to a multiple
-    of the dlogits ``block_m``) instead of the largest one within the memory budget.
+    ``row_chunk`` (private, for tests): force the backward chunk size instead of the largest one
+    within the memory budget.
 
     ``workspace_bytes``: peak extra memory of forward + backward besides inputs, outputs and
     gradients: ``lse [N]`` fp32 (saved by the forward) plus the larger of the forward's
@@ -311,11 +327,14 @@ def launch_plan(N: int, D: int, V: int, dtype: str, arch: str, *, row_chunk: int
     fixed = 4 * N + 4 * D
     budget = int(WORKSPACE_FRACTION * 2 * (N + V) * D * esize)
     per_block = bm * V * esize + cdiv(V, cfg.dlogits.block_n)
-    if row_chunk is None:
-        chunk_blocks = max(1, (budget - fixed) // per_block)
+    if row_chunk is not None:
+        chunk = max(1, row_chunk)
+    elif budget - fixed >= per_block:
+        chunk = (budget - fixed) // per_block * bm
     else:
-        chunk_blocks = max(1, cdiv(row_chunk, bm))
-    chunk = min(chunk_blocks, max(1, cdiv(N, bm))) * bm
+        # Not even one row block fits (small D): fewer rows per chunk, the tiles partly masked.
+        chunk = max(1, (budget - fixed - cdiv(V, cfg.dlogits.block_n)) // (V * esize))
+    chunk = min(chunk, max(1, cdiv(N, bm) * bm))
     workspace = 4 * N + max(2 * 4 * splits * N, chunk * V * esize + flag_bytes(chunk, V, cfg) + 4 * D)
     backward = _backward_launches(min(chunk, N) if N else chunk, D, V, cfg)
     return LaunchPlan(N, D, V, dtype, arch, splits, chunk, workspace, forward, backward)
