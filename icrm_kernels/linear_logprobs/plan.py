@@ -107,27 +107,27 @@ _CONFIGS = {
     "sm_90": ArchConfig(
         forward=_c(128, 128, 64, 16, 8, 3), dlogits=_c(128, 128, 64, 8, 8, 3),
         dhidden=_c(128, 128, 128, 8, 8, 3), dweight=_c(128, 128, 128, 4, 8, 3),
-        max_splits=8, min_split_tiles=16,
+        max_splits=256, min_split_tiles=1,
     ),
     "sm_80": ArchConfig(
         forward=_c(128, 128, 32, 12, 8, 4), dlogits=_c(128, 128, 32, 8, 8, 4),
         dhidden=_c(128, 128, 128, 8, 8, 2), dweight=_c(128, 128, 128, 4, 8, 2),
-        max_splits=8, min_split_tiles=16,
+        max_splits=256, min_split_tiles=1,
     ),
     "sm_86": ArchConfig(
         forward=_c(128, 128, 32, 9, 8, 3), dlogits=_c(128, 64, 32, 8, 4, 3),
         dhidden=_c(128, 64, 64, 8, 4, 3), dweight=_c(64, 64, 128, 4, 4, 2),
-        max_splits=8, min_split_tiles=16,
+        max_splits=256, min_split_tiles=1,
     ),
     "sm_89": ArchConfig(
         forward=_c(128, 128, 32, 16, 8, 3), dlogits=_c(128, 64, 32, 8, 4, 3),
         dhidden=_c(128, 64, 64, 8, 4, 3), dweight=_c(64, 64, 128, 4, 4, 2),
-        max_splits=8, min_split_tiles=16,
+        max_splits=256, min_split_tiles=1,
     ),
     "default": ArchConfig(
         forward=_c(64, 64, 32, 8, 4, 2), dlogits=_c(64, 64, 32, 8, 4, 2),
         dhidden=_c(64, 64, 64, 8, 4, 2), dweight=_c(64, 64, 64, 4, 4, 2),
-        max_splits=4, min_split_tiles=16,
+        max_splits=256, min_split_tiles=1,
     ),
     # Small blocks so that interpreter tests span many tiles, splits and chunks.
     "interpreter": ArchConfig(
@@ -184,27 +184,69 @@ def grouped_program(pid: int, grid_m: int, grid_n: int, group_m: int) -> tuple[i
     return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
 
 
-def vocab_splits(V: int, dtype: str, arch: str) -> int:
-    """Vocab shares of the forward: from V and the architecture only (batch invariance). Each
-    share is ``cdiv(tiles, splits)`` whole tiles; the count is then trimmed so none is empty."""
+def vocab_splits(V: int, dtype: str, arch: str, D: int | None = None) -> int:
+    """Vocab shares of the forward: from V, D and the architecture only, never N (batch
+    invariance). Many short shares: a program is then a few vocab tiles, so the last programs
+    of the launch leave SMs idle only briefly whatever N is. At most ``max_splits``, at least
+    ``min_split_tiles`` tiles a share, and (given ``D``) few enough that the ``[splits + 2, N]``
+    fp32 split partials stay within ``WORKSPACE_FRACTION`` of ``hidden`` for any N. Within
+    that cap, the largest count down to half of it that divides the tiles (equal shares)."""
     cfg = configs(dtype, arch)
     tiles = cdiv(V, cfg.forward.block_n)
-    splits = max(1, min(cfg.max_splits, tiles // cfg.min_split_tiles))
-    return cdiv(tiles, cdiv(tiles, splits))
+    cap = max(1, min(cfg.max_splits, tiles // cfg.min_split_tiles))
+    if D is not None:
+        cap = max(1, min(cap, int(WORKSPACE_FRACTION * D * DTYPE_BYTES[dtype]) // 4 - 2))
+    return next((n for n in range(cap, (cap - 1) // 2, -1) if tiles % n == 0), cap)
+
+
+def split_tiles(split: int, splits: int, tiles: int) -> tuple[int, int]:
+    """Vocab tiles ``[first, last)`` of forward split ``split``: ``tiles * split // splits``
+    onwards, so the shares differ by at most one tile."""
+    return tiles * split // splits, tiles * (split + 1) // splits
+
+
+@dataclass(frozen=True)
+class Access:
+    """One access of a step (``Launch.accesses``): ``tensor`` rows ``[r0, r1)`` x columns
+    ``[c0, c1)`` (global coordinates; ``dx`` in the chunk's own), ``mode`` ``"read"``,
+    ``"write"`` (a store, nothing read) or ``"rmw"`` (load, add, store). ``live``: ``None``
+    always made; ``(row_block, vocab_tile)`` (global, dlogits tiles) only when that tile's flag
+    is set; ``"any"`` (a program's epilogue) only when some step of the program was live."""
+
+    tensor: str
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    mode: str
+    live: tuple[int, int] | str | None = None
 
 
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch: a 1-D grid of ``grid_m * grid_n`` programs in grouped order (the merge
-    kernel: ``grid_n = 1``, plain order), and a K loop of ``k_tiles`` steps."""
+    kernel: ``grid_n = 1``, plain order), and a K loop of ``k_tiles`` steps.
+
+    Backward launches also carry their chunk: ``row0`` / ``rows`` and ``vocab0`` / ``vocab``
+    (the rows and vocab entries it covers), ``D``, the flag tile (``flag_m`` x ``flag_n``, the
+    dlogits tile) and ``accumulate`` (the output is added to what earlier chunks stored)."""
 
     kernel: str
     grid: tuple[int, ...]
     config: KernelConfig
     grid_m: int
     grid_n: int
-    k_tiles: int       # K steps per program (forward: vocab tiles per split, the last may have fewer)
+    k_tiles: int       # K steps per program (forward: the most vocab tiles of a split)
     k_total: int = 0   # forward only: vocab tiles in all
+    row0: int = 0
+    rows: int = 0
+    vocab0: int = 0
+    vocab: int = 0
+    D: int = 0
+    flag_m: int = 0
+    flag_n: int = 0
+    accumulate: bool = False
+    tile_max: bool = False  # forward: stores ``tile_max``; dlogits: reads it and skips dead tiles
 
     def program(self, pid: int) -> tuple[int, int]:
         """The kernel's own swizzle: ``pid -> (M index, N index)`` (see the module doc)."""
@@ -215,11 +257,11 @@ class Launch:
         return grouped_program(pid, self.grid_m, self.grid_n, self.config.group_m)
 
     def steps(self, pid: int) -> list[tuple[int, int]]:
-        """What program ``pid`` touches, in order (tuple formats in the module doc)."""
+        """What program ``pid`` touches, in order (tuple formats in the module doc; backward
+        indices are the chunk's own, 0 = its first row block / vocab tile)."""
         m, n = self.program(pid)
         if self.kernel == "_forward_kernel":
-            # k_tiles = vocab tiles per split; split n covers [n * k_tiles, (n + 1) * k_tiles).
-            return [(m, t) for t in range(n * self.k_tiles, min(self.k_total, (n + 1) * self.k_tiles))]
+            return [(m, t) for t in range(*split_tiles(n, self.grid_n, self.k_total))]
         if self.kernel == "_merge_kernel":
             return [(m, s) for s in range(self.k_tiles)]
         if self.kernel == "_dlogits_kernel":
@@ -229,6 +271,60 @@ class Launch:
         if self.kernel == "_dweight_kernel":
             return [(m, r) for r in range(self.k_tiles)]
         raise ValueError(f"unknown kernel {self.kernel!r}")
+
+    def accesses(self, pid: int) -> list[tuple[Access, ...]]:
+        """What each step of program ``pid`` reads and writes (``Access``); the epilogue's store
+        is part of the last step. The performance model replays these."""
+        c = self.config
+        steps = self.steps(pid)
+        m, n = self.program(pid)
+        if self.kernel == "_forward_kernel":
+            out = [(Access("hidden", m * c.block_m, (m + 1) * c.block_m, 0, self.D, "read"),
+                    Access("weight", t * c.block_n, (t + 1) * c.block_n, 0, self.D, "read")) for _, t in steps]
+            if self.tile_max:
+                out = [step + (Access("tile_max", m * c.block_m, (m + 1) * c.block_m, t, t + 1, "write"),)
+                       for step, (_, t) in zip(out, steps)]
+            store = (Access("partials", n, n + 1, m * c.block_m, (m + 1) * c.block_m, "write"),
+                     Access("partials", self.grid_n, self.grid_n + 1, m * c.block_m, (m + 1) * c.block_m, "write"))
+            return out[:-1] + [out[-1] + store] if out else [store]
+        if self.kernel == "_merge_kernel":
+            out = [(Access("partials", sp, sp + 1, m * c.block_m, (m + 1) * c.block_m, "read"),) for _, sp in steps]
+            return out + [(Access("partials", self.k_tiles, self.k_tiles + 1, m * c.block_m, (m + 1) * c.block_m, "read"),)]
+        fm, fn = self.flag_m, self.flag_n
+        rb0, vt0 = self.row0 // fm, self.vocab0 // fn
+        r_end, v_end = self.row0 + self.rows, self.vocab0 + self.vocab
+
+        def rows_of(rb):  # global rows of the chunk's row block rb
+            return self.row0 + rb * fm, min(r_end, self.row0 + (rb + 1) * fm)
+
+        def vocab_of(vt):
+            return self.vocab0 + vt * fn, min(v_end, self.vocab0 + (vt + 1) * fn)
+
+        def dx(rb, vt, mode):
+            return Access("dx", rb * fm, min(self.rows, (rb + 1) * fm), vt * fn, min(self.vocab, (vt + 1) * fn),
+                          mode, (rb0 + rb, vt0 + vt) if mode == "read" else None)
+
+        out_mode = "rmw" if self.accumulate else "write"
+        if self.kernel == "_dlogits_kernel":
+            if not self.tile_max:
+                return [(Access("hidden", *rows_of(rb), 0, self.D, "read"), Access("weight", *vocab_of(vt), 0, self.D, "read"),
+                         dx(rb, vt, "write")) for rb, vt in steps]
+            # the saved row maxima decide the flag first; a dead tile is not recomputed
+            return [(Access("tile_max", *rows_of(rb), vt0 + vt, vt0 + vt + 1, "read"),)
+                    + tuple(Access(a.tensor, a.r0, a.r1, a.c0, a.c1, a.mode, (rb0 + rb, vt0 + vt)) for a in (
+                        Access("hidden", *rows_of(rb), 0, self.D, "read"), Access("weight", *vocab_of(vt), 0, self.D, "read"),
+                        dx(rb, vt, "write"))) for rb, vt in steps]
+        dims = (n * c.block_n, min(self.D, (n + 1) * c.block_n))
+        if self.kernel == "_dhidden_kernel":
+            out = [(dx(m, vt, "read"), Access("weight", *vocab_of(vt), *dims, "read", (rb0 + m, vt0 + vt)))
+                   for _, vt in steps]
+            # accumulating: a row block with no live tile in this chunk leaves d_hidden alone
+            store = Access("d_hidden", *rows_of(m), *dims, out_mode, "any" if self.accumulate else None)
+        else:  # _dweight_kernel
+            out = [(dx(rb, m, "read"), Access("hidden", *rows_of(rb), *dims, "read", (rb0 + rb, vt0 + m)))
+                   for _, rb in steps]
+            store = Access("d_weight", *vocab_of(m), *dims, out_mode, "any" if self.accumulate else None)
+        return out[:-1] + [out[-1] + (store,)]
 
 
 @dataclass(frozen=True)
@@ -243,10 +339,29 @@ class LaunchPlan:
     workspace_bytes: int
     forward: tuple[Launch, ...]
     backward: tuple[Launch, ...]
+    backward_axis: str = "rows"   # "rows": chunks of rows, all V; "vocab": chunks of vocab, all N
+    vocab_chunk: int = 0          # vocab entries per chunk ("vocab" axis)
+    tile_max_bytes: int = 0       # the saved [N, vocab tiles] row maxima (0: not saved)
+
+    @property
+    def forward_bytes(self) -> int:
+        """Extra memory of a forward without gradients: ``lse [N]``, the ``[splits, N]`` split
+        logsumexps and the ``[N]`` target logits, fp32."""
+        return 4 * self.N * (self.vocab_splits + 2)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.row_chunk if self.backward_axis == "rows" else self.vocab_chunk
 
     @property
     def num_chunks(self) -> int:
-        return cdiv(self.N, self.row_chunk)
+        return cdiv(self.N if self.backward_axis == "rows" else self.V, self.chunk_size)
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        """``(start, size)`` of each backward chunk along ``backward_axis``, in launch order."""
+        total = self.N if self.backward_axis == "rows" else self.V
+        return [(a, min(self.chunk_size, total - a)) for a in range(0, total, self.chunk_size)]
 
     @property
     def budget_bytes(self) -> int:
@@ -258,21 +373,40 @@ class LaunchPlan:
         return self.workspace_bytes <= self.budget_bytes
 
     def backward_chunk(self, rows: int) -> tuple[Launch, ...]:
-        """The backward launches of a chunk of ``rows`` rows (``0 < rows <= row_chunk``)."""
+        """The backward launches of a row chunk of ``rows`` rows (``0 < rows <= row_chunk``;
+        ``backward_axis == "rows"``), at row 0 (``backward_launches`` places it)."""
         if not 0 < rows <= self.row_chunk:
             raise ValueError(f"rows must be in (0, {self.row_chunk}], got {rows}")
-        return _backward_launches(rows, self.D, self.V, configs(self.dtype, self.arch))
+        return self.backward_launches(0, rows) if self.backward_axis == "rows" else \
+            self.backward_launches(0, self.vocab_chunk)
+
+    def backward_launches(self, start: int, size: int) -> tuple[Launch, ...]:
+        """The backward launches (dlogits, dhidden, dweight) of the chunk ``[start, start +
+        size)`` along ``backward_axis``."""
+        cfg = configs(self.dtype, self.arch)
+        skip = self.tile_max_bytes > 0
+        if self.backward_axis == "rows":
+            return _backward_launches(start, size, 0, self.V, self.D, cfg, "dweight" if start else "", skip)
+        return _backward_launches(0, self.N, start, size, self.D, cfg, "dhidden" if start else "", skip)
 
 
-def _backward_launches(rows: int, D: int, V: int, cfg: ArchConfig) -> tuple[Launch, ...]:
+def _backward_launches(row0: int, rows: int, vocab0: int, vocab: int, D: int, cfg: ArchConfig,
+                       accumulate: str, tile_max: bool) -> tuple[Launch, ...]:
+    """The three launches of a chunk of ``rows`` rows x ``vocab`` vocab entries; ``accumulate``
+    names the gradient that earlier chunks already hold ("" for the first chunk)."""
     row_blocks = cdiv(rows, cfg.dlogits.block_m)
-    vocab_tiles = cdiv(V, cfg.dlogits.block_n)
+    vocab_tiles = cdiv(vocab, cfg.dlogits.block_n)
     dh_blocks = cdiv(D, cfg.dhidden.block_n)
     dw_blocks = cdiv(D, cfg.dweight.block_n)
+    chunk = dict(row0=row0, rows=rows, vocab0=vocab0, vocab=vocab, D=D, flag_m=cfg.dlogits.block_m,
+                 flag_n=cfg.dlogits.block_n)
     return (
-        Launch("_dlogits_kernel", (row_blocks * vocab_tiles,), cfg.dlogits, row_blocks, vocab_tiles, cdiv(D, cfg.dlogits.block_k)),
-        Launch("_dhidden_kernel", (row_blocks * dh_blocks,), cfg.dhidden, row_blocks, dh_blocks, vocab_tiles),
-        Launch("_dweight_kernel", (vocab_tiles * dw_blocks,), cfg.dweight, vocab_tiles, dw_blocks, row_blocks),
+        Launch("_dlogits_kernel", (row_blocks * vocab_tiles,), cfg.dlogits, row_blocks, vocab_tiles,
+               cdiv(D, cfg.dlogits.block_k), tile_max=tile_max, **chunk),
+        Launch("_dhidden_kernel", (row_blocks * dh_blocks,), cfg.dhidden, row_blocks, dh_blocks, vocab_tiles,
+               accumulate=accumulate == "dhidden", **chunk),
+        Launch("_dweight_kernel", (vocab_tiles * dw_blocks,), cfg.dweight, vocab_tiles, dw_blocks, row_blocks,
+               accumulate=accumulate == "dweight", **chunk),
     )
 
 
@@ -280,42 +414,62 @@ def flag_bytes(rows: int, V: int, cfg: ArchConfig) -> int:
     return cdiv(rows, cfg.dlogits.block_m) * cdiv(V, cfg.dlogits.block_n)
 
 
-def launch_plan(N: int, D: int, V: int, dtype: str, arch: str, *, row_chunk: int | None = None) -> LaunchPlan:
+def backward_axis(N: int, V: int) -> str:
+    """Chunk the backward along the larger of N and V: each chunk re-reads and rewrites (load,
+    add, store) the gradient of the other axis, ``min(N, V) x D``, and the number of chunks is
+    the same either way (the workspace holds ``chunk x other axis``)."""
+    return "vocab" if 0 < N < V else "rows"
+
+
+def launch_plan(N: int, D: int, V: int, dtype: str, arch: str, *, row_chunk: int | None = None,
+                vocab_chunk: int | None = None) -> LaunchPlan:
     """The launches for ``hidden [N, D]``, ``weight [V, D]`` in ``dtype`` on ``arch``.
 
-    ``row_chunk`` (private, for tests): force the backward chunk size (rounded up to a multiple
-    of the dlogits ``block_m``) instead of the largest one within the memory budget.
+    ``row_chunk`` / ``vocab_chunk`` (private, for tests): force the backward's axis and chunk
+    size (rounded up to a multiple of the dlogits ``block_m`` / ``block_n``) instead of the
+    plan's axis and the largest chunk within the memory budget.
 
     ``workspace_bytes``: peak extra memory of forward + backward besides inputs, outputs and
     gradients: ``lse [N]`` fp32 (saved by the forward) plus the larger of the forward's
-    ``[splits, N]`` fp32 partials (two buffers) and the backward's ``dx [row_chunk, V]`` in the
-    input dtype + ``live`` flags + the fp32 ``d_value_weight [D]``.
+    ``[splits, N]`` fp32 partials (two buffers) and the backward's ``dx [chunk rows, chunk
+    vocab]`` in the input dtype + ``live`` flags + the fp32 ``d_value_weight [D]``.
     """
     for name, value in (("N", N), ("D", D), ("V", V)):
         if not isinstance(value, int) or value < (0 if name == "N" else 1):
             raise ValueError(f"{name} must be an int >= {0 if name == 'N' else 1}, got {value!r}")
     cfg = configs(dtype, arch)
     esize = DTYPE_BYTES[dtype]
-    splits = vocab_splits(V, dtype, arch)
+    splits = vocab_splits(V, dtype, arch, D)
     fwd = cfg.forward
+    bm, bn = cfg.dlogits.block_m, cfg.dlogits.block_n
     row_blocks = cdiv(N, fwd.block_m)
     tiles = cdiv(V, fwd.block_n)
-    per_split = cdiv(tiles, splits)
+    fixed = 4 * N + 4 * D
+    budget = int(WORKSPACE_FRACTION * 2 * (N + V) * D * esize)
+    # Row maxima per dlogits tile, bf16 (2 bytes), when the forward's tiles are the dlogits'
+    # and they take at most half of the budget (the rest is the backward's chunk).
+    tile_max_bytes = 2 * N * tiles if fwd.block_n == bn and 0 < 2 * 2 * N * tiles <= budget - fixed else 0
     forward = (
-        Launch("_forward_kernel", (row_blocks * splits,), fwd, row_blocks, splits, per_split, tiles),
+        Launch("_forward_kernel", (row_blocks * splits,), fwd, row_blocks, splits, cdiv(tiles, splits), tiles, D=D,
+               tile_max=tile_max_bytes > 0),
         Launch("_merge_kernel", (cdiv(N, MERGE_BLOCK),), KernelConfig(MERGE_BLOCK, 1, 1, 1, 4, 1),
                cdiv(N, MERGE_BLOCK), 1, splits),
     )
 
-    bm = cfg.dlogits.block_m
-    fixed = 4 * N + 4 * D
-    budget = int(WORKSPACE_FRACTION * 2 * (N + V) * D * esize)
-    per_block = bm * V * esize + cdiv(V, cfg.dlogits.block_n)
-    if row_chunk is None:
-        chunk_blocks = max(1, (budget - fixed) // per_block)
+    axis = "rows" if row_chunk is not None else "vocab" if vocab_chunk is not None else backward_axis(N, V)
+    if axis == "rows":
+        unit, total, forced = bm, N, row_chunk
+        per_unit = bm * V * esize + cdiv(V, bn)
     else:
-        chunk_blocks = max(1, cdiv(row_chunk, bm))
-    chunk = min(chunk_blocks, max(1, cdiv(N, bm))) * bm
-    workspace = 4 * N + max(2 * 4 * splits * N, chunk * V * esize + flag_bytes(chunk, V, cfg) + 4 * D)
-    backward = _backward_launches(min(chunk, N) if N else chunk, D, V, cfg)
-    return LaunchPlan(N, D, V, dtype, arch, splits, chunk, workspace, forward, backward)
+        unit, total, forced = bn, V, vocab_chunk
+        per_unit = bn * N * esize + cdiv(N, bm)
+    units = max(1, (budget - fixed - tile_max_bytes) // per_unit) if forced is None else max(1, cdiv(forced, unit))
+    chunk = min(units, max(1, cdiv(total, unit))) * unit
+    ws_rows, ws_vocab = (chunk, V) if axis == "rows" else (N, chunk)
+    workspace = 4 * N + tile_max_bytes + max(4 * (splits + 1) * N,
+                                             ws_rows * ws_vocab * esize + flag_bytes(ws_rows, ws_vocab, cfg) + 4 * D)
+    p = LaunchPlan(N, D, V, dtype, arch, splits, chunk if axis == "rows" else N, workspace, forward, (),
+                   axis, chunk if axis == "vocab" else 0, tile_max_bytes)
+    first = p.chunks[0] if N else (0, chunk)
+    return LaunchPlan(N, D, V, dtype, arch, splits, p.row_chunk, workspace, forward,
+                      p.backward_launches(*first), axis, p.vocab_chunk, tile_max_bytes)
