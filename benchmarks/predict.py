@@ -424,7 +424,7 @@ def ours(s: Shape, with_backward: bool) -> list[KernelCost]:
 
     def launch(lc: plan_module.Launch, flops: float, work=None) -> SimLaunch:
         eff = "triton" if flops else None
-        slots = hw.sms * ctas_per_sm(lc.config, esize, hw)
+        slots = hw.sms * min(ctas_per_sm(part.config, esize, hw) for part in lc.parts or (lc,))
 
         def accesses(pid):
             steps, any_live = [], False
@@ -452,10 +452,10 @@ def ours(s: Shape, with_backward: bool) -> list[KernelCost]:
         return _finish(costs, l2)
 
     def chunk_launches(start: int, size: int) -> list[SimLaunch]:
-        k1, k2, k3 = p.backward_launches(start, size)
+        k1, dgrad = p.backward_launches(start, size)
         flops = 2.0 * k1.rows * s.D * k1.vocab
         if not k1.tile_max:
-            return [launch(k1, flops), launch(k2, s.live_frac * flops), launch(k3, s.live_frac * flops)]
+            return [launch(k1, flops), launch(dgrad, 2 * s.live_frac * flops)]
         # dlogits recomputes the live tiles only; a dead program still starts, loads its row
         # maxima, lse and targets and stores its flag: charged DEAD_TILE_COST of a tile.
         rb0, vt0 = k1.row0 // cd.block_m, k1.vocab0 // cd.block_n
@@ -465,7 +465,7 @@ def ours(s: Shape, with_backward: bool) -> list[KernelCost]:
             return 1.0 if live_tile(rb0 + rb, vt0 + vt, s.live_frac) else DEAD_TILE_COST
 
         k1_flops = flops * (s.live_frac + (1 - s.live_frac) * DEAD_TILE_COST)
-        return [launch(k1, k1_flops, k1_work), launch(k2, s.live_frac * flops), launch(k3, s.live_frac * flops)]
+        return [launch(k1, k1_flops, k1_work), launch(dgrad, 2 * s.live_frac * flops)]
 
     costs += _chunked(p.chunks, chunk_launches, l2)
     return _finish(costs, l2)

@@ -247,9 +247,24 @@ class Launch:
     flag_n: int = 0
     accumulate: bool = False
     tile_max: bool = False  # forward: stores ``tile_max``; dlogits: reads it and skips dead tiles
+    parts: tuple = ()       # _dgrad_kernel: the launches whose programs it runs, pids in this order
+
+    def part(self, pid: int) -> tuple["Launch", int]:
+        """A fused launch's part and the pid inside it that program ``pid`` runs (itself for
+        a plain launch)."""
+        if not 0 <= pid < self.grid[0]:
+            raise ValueError(f"pid must be in [0, {self.grid[0]}), got {pid}")
+        for part in self.parts:
+            if pid < part.grid[0]:
+                return part, pid
+            pid -= part.grid[0]
+        return self, pid
 
     def program(self, pid: int) -> tuple[int, int]:
         """The kernel's own swizzle: ``pid -> (M index, N index)`` (see the module doc)."""
+        if self.parts:
+            part, local = self.part(pid)
+            return part.program(local)
         if not 0 <= pid < self.grid[0]:
             raise ValueError(f"pid must be in [0, {self.grid[0]}), got {pid}")
         if self.kernel == "_merge_kernel":
@@ -259,6 +274,9 @@ class Launch:
     def steps(self, pid: int) -> list[tuple[int, int]]:
         """What program ``pid`` touches, in order (tuple formats in the module doc; backward
         indices are the chunk's own, 0 = its first row block / vocab tile)."""
+        if self.parts:
+            part, local = self.part(pid)
+            return part.steps(local)
         m, n = self.program(pid)
         if self.kernel == "_forward_kernel":
             return [(m, t) for t in range(*split_tiles(n, self.grid_n, self.k_total))]
@@ -275,6 +293,9 @@ class Launch:
     def accesses(self, pid: int) -> list[tuple[Access, ...]]:
         """What each step of program ``pid`` reads and writes (``Access``); the epilogue's store
         is part of the last step. The performance model replays these."""
+        if self.parts:
+            part, local = self.part(pid)
+            return part.accesses(local)
         c = self.config
         steps = self.steps(pid)
         m, n = self.program(pid)
@@ -400,13 +421,19 @@ def _backward_launches(row0: int, rows: int, vocab0: int, vocab: int, D: int, cf
     dw_blocks = cdiv(D, cfg.dweight.block_n)
     chunk = dict(row0=row0, rows=rows, vocab0=vocab0, vocab=vocab, D=D, flag_m=cfg.dlogits.block_m,
                  flag_n=cfg.dlogits.block_n)
+    dhidden = Launch("_dhidden_kernel", (row_blocks * dh_blocks,), cfg.dhidden, row_blocks, dh_blocks, vocab_tiles,
+                     accumulate=accumulate == "dhidden", **chunk)
+    dweight = Launch("_dweight_kernel", (vocab_tiles * dw_blocks,), cfg.dweight, vocab_tiles, dw_blocks, row_blocks,
+                     accumulate=accumulate == "dweight", **chunk)
+    # One launch runs both (they read the same dx and write different gradients): the long
+    # dweight programs first, then the short dhidden ones fill the SMs as they free up, so the
+    # launch ends with less idle time than either alone and one launch is saved per chunk.
+    dgrad = Launch("_dgrad_kernel", (dweight.grid[0] + dhidden.grid[0],), cfg.dweight, 0, 0, 0,
+                   parts=(dweight, dhidden), **chunk)
     return (
         Launch("_dlogits_kernel", (row_blocks * vocab_tiles,), cfg.dlogits, row_blocks, vocab_tiles,
                cdiv(D, cfg.dlogits.block_k), tile_max=tile_max, **chunk),
-        Launch("_dhidden_kernel", (row_blocks * dh_blocks,), cfg.dhidden, row_blocks, dh_blocks, vocab_tiles,
-               accumulate=accumulate == "dhidden", **chunk),
-        Launch("_dweight_kernel", (vocab_tiles * dw_blocks,), cfg.dweight, vocab_tiles, dw_blocks, row_blocks,
-               accumulate=accumulate == "dweight", **chunk),
+        dgrad,
     )
 
 
@@ -422,12 +449,13 @@ def backward_axis(N: int, V: int) -> str:
 
 
 def launch_plan(N: int, D: int, V: int, dtype: str, arch: str, *, row_chunk: int | None = None,
-                vocab_chunk: int | None = None) -> LaunchPlan:
+                vocab_chunk: int | None = None, tile_max: bool | None = None) -> LaunchPlan:
     """The launches for ``hidden [N, D]``, ``weight [V, D]`` in ``dtype`` on ``arch``.
 
     ``row_chunk`` / ``vocab_chunk`` (private, for tests): force the backward's axis and chunk
     size (rounded up to a multiple of the dlogits ``block_m`` / ``block_n``) instead of the
-    plan's axis and the largest chunk within the memory budget.
+    plan's axis and the largest chunk within the memory budget. ``tile_max`` (private, for
+    tests): force saving the row maxima on or off.
 
     ``workspace_bytes``: peak extra memory of forward + backward besides inputs, outputs and
     gradients: ``lse [N]`` fp32 (saved by the forward) plus the larger of the forward's
@@ -448,7 +476,9 @@ def launch_plan(N: int, D: int, V: int, dtype: str, arch: str, *, row_chunk: int
     budget = int(WORKSPACE_FRACTION * 2 * (N + V) * D * esize)
     # Row maxima per dlogits tile, bf16 (2 bytes), when the forward's tiles are the dlogits'
     # and they take at most half of the budget (the rest is the backward's chunk).
-    tile_max_bytes = 2 * N * tiles if fwd.block_n == bn and 0 < 2 * 2 * N * tiles <= budget - fixed else 0
+    if tile_max is None:
+        tile_max = fwd.block_n == bn and 0 < 2 * 2 * N * tiles <= budget - fixed
+    tile_max_bytes = 2 * N * tiles if tile_max else 0
     forward = (
         Launch("_forward_kernel", (row_blocks * splits,), fwd, row_blocks, splits, cdiv(tiles, splits), tiles, D=D,
                tile_max=tile_max_bytes > 0),
