@@ -27,20 +27,26 @@ The model
 * **Concurrency**: programs are issued in launch (pid) order, in waves of ``SMs x CTAs per SM``
   (CTAs per SM estimated from the config's registers and shared memory, ``ctas_per_sm``) that
   advance in lockstep, round-robin over their steps (a step: one K iteration of the kernel's own
-  ``Launch.steps``; a fused step touches all of D). Ours reads the plan of
-  ``icrm_kernels/linear_logprobs/plan.py`` (grid, grouped order, vocab splits, row chunk,
-  workspace); CCE and Liger are described here in the same terms (``ModelLaunch``).
+  ``Launch.steps``; a fused step touches all of D). Ours replays the plan of
+  ``icrm_kernels/linear_logprobs/plan.py``: grid, grouped order, vocab splits, backward chunks,
+  workspace, and what every step reads and writes (``Launch.accesses``); CCE and Liger are
+  described here in the same terms (``ModelLaunch``).
 * **Sampling**: a launch whose accesses exceed ``SIM_BUDGET`` is simulated for its first waves
   (at least two) and the rest is extrapolated with the mean DRAM bytes per wave of the second
   half of those simulated (the grouped orders repeat the same pattern group after group); a
-  backward made of many identical row chunks is simulated for its first two chunks and its last
+  backward made of many identical chunks is simulated for its first two chunks and its last
   (possibly shorter) one, the middle chunks counted as the second.
 * **Time per launch**: ``max(FLOPs / (GEMM rate x efficiency x wave utilisation), DRAM bytes /
-  DRAM bandwidth, atomic bytes / L2 bandwidth) + LAUNCH_US``. Wave utilisation = programs /
-  (whole waves x SMs x CTAs per SM): a last, partial wave leaves SMs idle. Kernels with no
+  DRAM bandwidth, atomic bytes / L2 bandwidth) + LAUNCH_US``. Wave utilisation = busy
+  fraction of the ``SMs x CTAs per SM`` slots: programs go in pid order to the first free slot
+  (the block scheduler), each as long as its steps (``_utilisation``); for programs of equal
+  length that is programs / (whole waves x slots), a last, partial wave leaving SMs idle. Our
+  dlogits programs whose tile is dead (skipped) count ``DEAD_TILE_COST`` of a tile, in
+  their length and their FLOPs. Kernels with no
   tensor-core work (Liger's cross-entropy kernel, our split merge, memsets, gathers) are
   bandwidth-bound by construction.
-* **FLOPs**: forward ``2NDV``; backward ``2NDV`` (logits recomputed) ``+ 2f NDV`` (d_hidden)
+* **FLOPs**: forward ``2NDV``; backward ``2NDV`` (logits recomputed; ours: the live tiles
+  only, see below) ``+ 2f NDV`` (d_hidden)
   ``+ 2f NDV`` (d_weight), where ``f`` (``--live-frac``) is the fraction of (row block, vocab
   tile) tiles whose gradient survives the filter. Ours and CCE filter the same tiles (which ones:
   a fixed pseudo-random pattern, ``live_tile``); Liger does not filter (``6NDV``). The default
@@ -57,10 +63,14 @@ dominates the predicted time), ``live_frac``.
 What each implementation does, as modelled
 ------------------------------------------
 * ``triton`` (ours): ``_forward_kernel`` (row block x vocab split, online logsumexp over the
-  split's vocab tiles), ``_merge_kernel``; per row chunk ``_dlogits_kernel`` (writes ``dx`` and
-  the live flags), ``_dhidden_kernel`` (``dx @ W`` over live vocab tiles), ``_dweight_kernel``
-  (``dx^T @ hidden_chunk`` over live row blocks; the first chunk stores ``d_weight``, later
-  chunks read-modify-write it, a vocab tile with no live row block is left alone). No atomics.
+  split's few vocab tiles; with gradients it also saves each tile's per-row maximum),
+  ``_merge_kernel``; per backward chunk (of the vocabulary when N < V, else of rows; see
+  plan.py) ``_dlogits_kernel`` (decides each tile's live flag from the saved maxima and
+  recomputes only live tiles into ``dx``) and ``_dgrad_kernel`` (the ``dx^T @ hidden``
+  programs, then the ``dx @ W`` ones, over live tiles; the gradient of the chunked axis is
+  stored once, the other one stored by the first chunk and loaded-added-stored by the
+  others). No atomics. FLOPs: forward ``2NDV``, backward ``2NDV (f + (1 - f) DEAD_TILE_COST)
+  + 4f NDV``.
 * ``cce`` (apple/ml-cross-entropy, default options): ``_cce_lse_forward_kernel`` over (row
   block, vocab tile) tiles, GROUP_B=8 grouped order, 128x128x32 tiles (4 warps fwd, 8 bwd), lse
   merged under a per-row-block lock; with gradients it also atomically adds the per-vocab mean

@@ -52,7 +52,8 @@ def _outputs(p, tensor):
 @pytest.mark.parametrize("n,v,axis", [(200, 700, "vocab"), (700, 200, "rows")])
 def test_every_gradient_tile_is_stored_once_then_accumulated(n, v, axis):
     d = 40
-    p = plan.launch_plan(n, d, v, "bf16", "interpreter", **({"vocab_chunk": 96} if axis == "vocab" else {"row_chunk": 48}))
+    forced = {"vocab_chunk": 96} if axis == "vocab" else {"row_chunk": 48}
+    p = plan.launch_plan(n, d, v, "bf16", "interpreter", **forced)
     assert p.backward_axis == axis and p.num_chunks > 2
     # the gradient of the chunked axis: each tile written once, by one chunk, never loaded
     chunked, other = ("d_weight", "d_hidden") if axis == "vocab" else ("d_hidden", "d_weight")

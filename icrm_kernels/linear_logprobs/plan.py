@@ -2,9 +2,10 @@
 the dtype and the architecture (no torch, no triton), so the launchers in ``kernels.py``, the
 tests and the performance model (``benchmarks/predict.py``) all read the same plan.
 
-``launch_plan(N, D, V, dtype, arch)`` returns every launch of a forward and of one backward
-row chunk: kernel name, grid, block configuration, and the kernel's own program order
-(``Launch.program``) and access order (``Launch.steps``).
+``launch_plan(N, D, V, dtype, arch)`` returns every launch of a forward and of each backward
+chunk: kernel name, grid, block configuration, the kernel's own program order
+(``Launch.program``), its K steps (``Launch.steps``) and what each step reads and writes
+(``Launch.accesses``, which the performance model replays).
 
 Tile orders (``grouped_program``, the Triton matmul tutorial's grouped / swizzled order): a
 1-D grid of ``grid_m * grid_n`` programs is walked in groups of ``group_m`` consecutive M
@@ -12,46 +13,71 @@ indices; inside a group the M index runs fastest. The ~one wave of programs resi
 then covers a ``group_m x grid_n`` rectangle instead of every M index for one N index, so the
 operands they share stay in L2.
 
-Launches (``M`` / ``N`` axes of each grid, ``K`` the reduction loop):
+Forward (``LaunchPlan.forward``):
 
-* ``_forward_kernel``: M = row blocks of ``block_m`` rows, N = the ``vocab_splits`` contiguous
-  shares of the vocabulary. A program walks its share tile by tile (``block_n`` vocab entries),
-  each tile a ``tl.dot`` over D in ``block_k`` chunks. ``vocab_splits`` depends on V and the
-  arch only, never on N, and no block size depends on N: a row's result is bitwise the same
-  alone or in any batch.
-* ``_merge_kernel``: one program per ``MERGE_BLOCK`` rows combines the ``[splits, N]`` partial
-  logsumexps and target logits in split order (deterministic, per row).
-* Backward, per chunk of ``row_chunk`` rows (``backward_chunk(rows)``):
-  ``_dlogits_kernel`` (M = row blocks of the chunk, N = vocab tiles; K = D) writes
-  ``dx [rows, V]`` in the input dtype and the ``live`` flags ``[row blocks, vocab tiles]``;
-  ``_dhidden_kernel`` (M = row blocks, N = blocks of ``block_n`` hidden dims; K = vocab
-  tiles, ``block_k`` = the dlogits' ``block_n``, so one K step = one flag);
-  ``_dweight_kernel`` (M = vocab tiles, N = blocks of hidden dims; K = row blocks,
-  ``block_k`` = the dlogits' ``block_m``).
-  Every chunk issues these three launches; the last chunk has ``N - (chunks-1) * row_chunk``
-  rows, so its dlogits / dhidden grids have fewer row blocks and the dweight K loop is
-  shorter. ``LaunchPlan.backward`` is the launches of a full first chunk.
-  The small ``_value_weight_grad_kernel`` (``hidden^T @ grad_rewards``) runs once per backward,
-  outside the chunks, and is not part of the plan.
+* ``_forward_kernel``: M = row blocks of ``block_m`` rows, N = the ``vocab_splits`` shares of
+  the vocabulary; share ``s`` is the vocab tiles ``split_tiles(s, splits, tiles)`` (sizes
+  differ by at most one). A program walks its share tile by tile, each tile a ``tl.dot`` over
+  D, folded into an online logsumexp. It stores the share's logsumexp into row ``s`` of the
+  fp32 ``partials [splits + 1, N]``; the program whose share holds a row's target stores that
+  row's target logit into row ``splits`` (exactly one writer per row, no atomics). With
+  ``tile_max``, each tile also stores its per-row maximum of the scaled logits ``z`` into
+  ``tile_max [N, tiles]`` (bf16, 2 bytes). ``vocab_splits`` depends on V, D, the dtype and the
+  arch, never on N, and no block size depends on N: a row's result is bitwise the same alone
+  or in any batch. Many short shares (a few tiles each; 167 of 6 tiles at V = 128256 on
+  sm_90) make the launch's last programs short, so its tail leaves SMs idle only briefly.
+* ``_merge_kernel``: one program per ``MERGE_BLOCK`` rows: ``lse`` = logsumexp of the
+  ``splits`` partials in split order (deterministic, per row), ``logp = target - lse``.
+
+Backward, in chunks along ``backward_axis`` (``LaunchPlan.chunks``; ``backward_launches(start,
+size)``), two launches a chunk, in order:
+
+* ``backward_axis == "vocab"`` (N < V, the usual case): chunks of ``vocab_chunk`` vocab
+  entries, all N rows; the workspace is ``dx [N, vocab_chunk]``. ``d_weight`` rows of the
+  chunk are computed completely (K = all N rows) and stored once; ``d_hidden`` is stored by
+  the first chunk and loaded, added to and stored by each later one (only the row blocks
+  with a live tile in the chunk).
+* ``backward_axis == "rows"`` (N >= V): chunks of ``row_chunk`` rows, all V; the workspace
+  is ``dx [row_chunk, V]``; the roles swap (``d_hidden`` stored once, ``d_weight``
+  accumulated, a vocab tile with no live row block left alone).
+
+Either way each chunk re-reads and rewrites the ``min(N, V) x D`` gradient, and the number
+of chunks is the same (the workspace is ``chunk x other axis``), hence the axis rule.
+
+* ``_dlogits_kernel`` (M = row blocks of the chunk, N = vocab tiles; K = D): recomputes a
+  logit tile, writes ``dx`` into the workspace (chunk coordinates) in the input dtype and the
+  tile's ``live`` flag. With ``tile_max`` (``LaunchPlan.tile_max_bytes > 0``) the flag is
+  decided first from the saved row maxima, ``lse`` and the targets, and a dead tile is not
+  recomputed (flag 0, nothing else).
+* ``_dgrad_kernel``: one launch running the programs of two GEMMs over the live tiles (its
+  ``parts``, pids in this order; ``Launch.part(pid)``): ``_dweight_kernel`` (M = vocab
+  tiles, N = blocks of hidden dims; K = the chunk's row blocks, one flag a step) and then
+  ``_dhidden_kernel`` (M = row blocks, N = blocks of hidden dims; K = the chunk's vocab
+  tiles). The long dweight programs go first and the short dhidden ones fill the SMs as
+  they free up. ``Launch.accumulate`` says which part loads-adds-stores its output.
+
+The small ``_value_weight_grad_kernel`` (``hidden^T @ grad_rewards``) runs once per backward,
+outside the chunks, and is not part of the plan.
 
 ``Launch.steps(pid)`` lists what program ``pid`` touches, in order, one tuple per K step
-(data-independent: the gradient filter may skip some steps of dhidden / dweight at run time):
+(data-independent: the gradient filter may skip steps at run time); backward indices are the
+chunk's own (0 = its first row block / vocab tile):
 
-* ``_forward_kernel`` and ``_dlogits_kernel``: ``(row_block, vocab_tile)`` per logit tile
-  (each tile reads ``block_m`` hidden rows and ``block_n`` weight rows, all of D).
+* ``_forward_kernel`` and ``_dlogits_kernel``: ``(row_block, vocab_tile)`` per logit tile.
 * ``_merge_kernel``: ``(row_block, split)`` with ``MERGE_BLOCK``-row blocks.
-* ``_dhidden_kernel``: ``(row_block, vocab_tile)`` per K step (``dx[rows, tile]`` and
-  ``weight[tile, dims]``), for the program's dims block ``program(pid)[1]``.
-* ``_dweight_kernel``: ``(vocab_tile, row_block)`` per K step (``dx[rows, tile]`` and
-  ``hidden[rows, dims]``).
+* ``_dhidden_kernel``: ``(row_block, vocab_tile)`` per K step, for the program's dims block
+  ``program(pid)[1]``; ``_dweight_kernel``: ``(vocab_tile, row_block)`` per K step.
 
-Row blocks in the backward are counted inside the chunk (0 = the chunk's first rows).
+``Launch.accesses(pid)``: per step, the ``Access`` (tensor, rows x columns, read / write /
+rmw, and the live flag it depends on) of ``hidden``, ``weight``, ``d_hidden``, ``d_weight``,
+``dx``, ``partials`` and ``tile_max``.
 
 Memory bound (issue 10): the extra memory of forward + backward (``workspace_bytes``) stays
-within ``WORKSPACE_FRACTION`` of the inputs plus their gradients (hidden and weight, twice).
-``row_chunk`` is the largest multiple of the dlogits ``block_m`` that fits; when even one row
-block of ``dx`` does not fit (tiny D), ``row_chunk`` is one row block and the bound does not
-hold (``LaunchPlan.within_budget`` says so).
+within ``WORKSPACE_FRACTION`` of the inputs plus their gradients (hidden and weight, twice):
+``lse``, ``tile_max`` (only when it takes at most half of the budget), and the larger of the
+forward's partials and the backward's ``dx`` chunk + flags. The chunk is the largest multiple
+of the dlogits tile that fits; when even one does not (tiny D), it is one tile and the bound
+does not hold (``LaunchPlan.within_budget`` says so).
 """
 
 from __future__ import annotations
@@ -88,8 +114,8 @@ class ArchConfig:
     dlogits: KernelConfig
     dhidden: KernelConfig
     dweight: KernelConfig
-    max_splits: int          # vocab splits of the forward (the N axis of its grouped order)
-    min_split_tiles: int     # fewer vocab tiles than this per split: use fewer splits
+    max_splits: int          # at most this many vocab splits in the forward (``vocab_splits``)
+    min_split_tiles: int     # at least this many vocab tiles per split
 
 
 def _c(bm, bn, bk, gm, w, s):
@@ -99,8 +125,9 @@ def _c(bm, bn, bk, gm, w, s):
 # 16-bit configurations. The backward's tiles are coupled: dhidden's block_m and dweight's
 # block_k are the dlogits' block_m (row blocks), dhidden's block_k and dweight's block_m the
 # dlogits' block_n (vocab tiles), so that each K step of dhidden / dweight reads exactly one
-# ``live`` flag. group_m x max_splits is about one wave of forward programs (SM count at one
-# CTA per SM): sm_80 108 SMs, sm_86 84 (A10/3090 72-82), sm_89 128-142, sm_90 132.
+# ``live`` flag. The forward's group of group_m row blocks x all splits spans several waves
+# (SM count at one CTA per SM: sm_80 108, sm_86 84 (A10/3090 72-82), sm_89 128-142, sm_90
+# 132); a wave reads group_m row blocks and a band of consecutive splits.
 # Shared memory (stages x (A tile + B tile)) is kept under each architecture's limit; the
 # compile check (tests/gpu_compile.py) reads the real numbers from ptxas.
 _CONFIGS = {
@@ -309,8 +336,9 @@ class Launch:
                      Access("partials", self.grid_n, self.grid_n + 1, m * c.block_m, (m + 1) * c.block_m, "write"))
             return out[:-1] + [out[-1] + store] if out else [store]
         if self.kernel == "_merge_kernel":
-            out = [(Access("partials", sp, sp + 1, m * c.block_m, (m + 1) * c.block_m, "read"),) for _, sp in steps]
-            return out + [(Access("partials", self.k_tiles, self.k_tiles + 1, m * c.block_m, (m + 1) * c.block_m, "read"),)]
+            rows = (m * c.block_m, (m + 1) * c.block_m)
+            # the split logsumexps, then the target logits (row ``splits``)
+            return [(Access("partials", sp, sp + 1, *rows, "read"),) for sp in [s for _, s in steps] + [self.k_tiles]]
         fm, fn = self.flag_m, self.flag_n
         rb0, vt0 = self.row0 // fm, self.vocab0 // fn
         r_end, v_end = self.row0 + self.rows, self.vocab0 + self.vocab
@@ -327,14 +355,15 @@ class Launch:
 
         out_mode = "rmw" if self.accumulate else "write"
         if self.kernel == "_dlogits_kernel":
-            if not self.tile_max:
-                return [(Access("hidden", *rows_of(rb), 0, self.D, "read"), Access("weight", *vocab_of(vt), 0, self.D, "read"),
-                         dx(rb, vt, "write")) for rb, vt in steps]
-            # the saved row maxima decide the flag first; a dead tile is not recomputed
-            return [(Access("tile_max", *rows_of(rb), vt0 + vt, vt0 + vt + 1, "read"),)
-                    + tuple(Access(a.tensor, a.r0, a.r1, a.c0, a.c1, a.mode, (rb0 + rb, vt0 + vt)) for a in (
-                        Access("hidden", *rows_of(rb), 0, self.D, "read"), Access("weight", *vocab_of(vt), 0, self.D, "read"),
-                        dx(rb, vt, "write"))) for rb, vt in steps]
+            out = []
+            for rb, vt in steps:
+                tile = (Access("hidden", *rows_of(rb), 0, self.D, "read"),
+                        Access("weight", *vocab_of(vt), 0, self.D, "read"), dx(rb, vt, "write"))
+                if self.tile_max:  # the saved row maxima decide the flag; a dead tile is not recomputed
+                    tile = (Access("tile_max", *rows_of(rb), vt0 + vt, vt0 + vt + 1, "read"),) + tuple(
+                        Access(a.tensor, a.r0, a.r1, a.c0, a.c1, a.mode, (rb0 + rb, vt0 + vt)) for a in tile)
+                out.append(tile)
+            return out
         dims = (n * c.block_n, min(self.D, (n + 1) * c.block_n))
         if self.kernel == "_dhidden_kernel":
             out = [(dx(m, vt, "read"), Access("weight", *vocab_of(vt), *dims, "read", (rb0 + m, vt0 + vt)))
