@@ -14,9 +14,11 @@ from icrm_kernels.linear_logprobs import plan
 def test_target_shape_plan():
     p = plan.launch_plan(16384, 4096, 128256, "bf16", "sm_90")
     fwd = p.forward[0]
-    # 1002 vocab tiles in 167 equal shares of 6: 128 x 167 programs of equal length
+    # 1002 vocab tiles in 167 equal shares of 6 (at most 202 shares keep the [splits + 2, N]
+    # fp32 buffers within 10% of hidden at D = 4096; 167 is the largest divisor below)
     assert (p.vocab_splits, fwd.k_total, fwd.k_tiles) == (167, 1002, 6)
     assert {len(fwd.steps(pid)) for pid in range(fwd.grid[0])} == {6}
+    assert 4 * (202 + 2) <= 0.1 * 4096 * 2 < 4 * (203 + 2)
     assert p.backward_axis == "vocab" and p.vocab_chunk == 48 * 128 and p.num_chunks == 21
     assert p.tile_max_bytes == 2 * 16384 * 1002 and p.within_budget
     # the budget is used: one more vocab tile of dx would not fit

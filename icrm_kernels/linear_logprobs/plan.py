@@ -22,10 +22,11 @@ Forward (``LaunchPlan.forward``):
   fp32 ``partials [splits + 1, N]``; the program whose share holds a row's target stores that
   row's target logit into row ``splits`` (exactly one writer per row, no atomics). With
   ``tile_max``, each tile also stores its per-row maximum of the scaled logits ``z`` into
-  ``tile_max [N, tiles]`` (bf16, 2 bytes). ``vocab_splits`` depends on V, D, the dtype and the
+  ``tile_max [N, tiles]`` (fp16, 2 bytes). ``vocab_splits`` depends on V, D, the dtype and the
   arch, never on N, and no block size depends on N: a row's result is bitwise the same alone
-  or in any batch. Many short shares (a few tiles each; 167 of 6 tiles at V = 128256 on
-  sm_90) make the launch's last programs short, so its tail leaves SMs idle only briefly.
+  or in any batch. Many short shares (a few tiles each; 167 of 6 tiles at V = 128256,
+  D = 4096, 16-bit, on sm_90) make the launch's last programs short, so its tail leaves SMs
+  idle only briefly.
 * ``_merge_kernel``: one program per ``MERGE_BLOCK`` rows: ``lse`` = logsumexp of the
   ``splits`` partials in split order (deterministic, per row), ``logp = target - lse``.
 
@@ -213,11 +214,13 @@ def grouped_program(pid: int, grid_m: int, grid_n: int, group_m: int) -> tuple[i
 
 def vocab_splits(V: int, dtype: str, arch: str, D: int | None = None) -> int:
     """Vocab shares of the forward: from V, D and the architecture only, never N (batch
-    invariance). Many short shares: a program is then a few vocab tiles, so the last programs
-    of the launch leave SMs idle only briefly whatever N is. At most ``max_splits``, at least
-    ``min_split_tiles`` tiles a share, and (given ``D``) few enough that the ``[splits + 2, N]``
-    fp32 split partials stay within ``WORKSPACE_FRACTION`` of ``hidden`` for any N. Within
-    that cap, the largest count down to half of it that divides the tiles (equal shares)."""
+    invariance). As many short shares as allowed: a program is then a few vocab tiles, so the
+    last programs of the launch leave SMs idle only briefly whatever N is (the shares differ by
+    at most one tile, ``split_tiles``). At most ``max_splits``, at least ``min_split_tiles``
+    tiles a share, and (given ``D``) few enough that the ``[splits + 2, N]`` fp32 forward
+    buffers (``LaunchPlan.forward_bytes``) stay within ``WORKSPACE_FRACTION`` of ``hidden``
+    for any N. Within that cap, the largest count down to half of it that divides the tiles
+    (equal shares: no program of a wave waits for a longer one), else the cap."""
     cfg = configs(dtype, arch)
     tiles = cdiv(V, cfg.forward.block_n)
     cap = max(1, min(cfg.max_splits, tiles // cfg.min_split_tiles))
@@ -503,7 +506,7 @@ def launch_plan(N: int, D: int, V: int, dtype: str, arch: str, *, row_chunk: int
     tiles = cdiv(V, fwd.block_n)
     fixed = 4 * N + 4 * D
     budget = int(WORKSPACE_FRACTION * 2 * (N + V) * D * esize)
-    # Row maxima per dlogits tile, bf16 (2 bytes), when the forward's tiles are the dlogits'
+    # Row maxima per dlogits tile, fp16 (2 bytes), when the forward's tiles are the dlogits'
     # and they take at most half of the budget (the rest is the backward's chunk).
     if tile_max is None:
         tile_max = fwd.block_n == bn and 0 < 2 * 2 * N * tiles <= budget - fixed
