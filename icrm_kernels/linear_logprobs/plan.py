@@ -133,30 +133,34 @@ def _c(bm, bn, bk, gm, w, s):
 # its block_k divides the dlogits' block_m (``_check_coupling``). The forward's group of group_m
 # row blocks x all splits spans several waves (SM count at one CTA per SM: sm_80 108, sm_86 84
 # (A10 / 3090: 72-82), sm_89 128-142, sm_90 132); a wave reads group_m row blocks and a band of
-# consecutive splits. Registers: 8 warps keep the fp32 accumulator of a
-# 128 x 128 tile at 64 registers a thread and a K step of 32 keeps the two operand pointer
-# tiles at 32 registers each, so nothing spills (sm_80's dlogits takes K steps of 16: with
-# Triton 3.6 its softcap epilogue spilled at 32); shared memory (stages x (A + B tile)) stays
-# under each architecture's limit. tests/gpu_compile.py checks both with ptxas.
+# consecutive splits. Registers: 8 warps keep the fp32 accumulator of a 128 x 128 tile at 64
+# registers a thread and a K step of 32 keeps the two operand pointer tiles at 32 registers
+# each. Where ptxas found spills on shapes without 16-divisible D (no vectorised loads), the K
+# step is 16: sm_80's dlogits (Triton 3.6, softcap epilogue), sm_80's forward and sm_90's
+# dlogits (the row-maxima store / prologue); the fused dgrad launch runs with the dweight
+# config's warps, so on sm_86 / sm_89 that is 8 (dhidden's 128 x 64 tile spilled at 4), and
+# dhidden's tile is 128 x 64 everywhere (its load-add-store epilogue of a 128 x 128 tile spilled).
+# Shared memory (stages x (A + B tile)) stays under each architecture's limit.
+# tests/gpu_compile.py checks both with ptxas.
 _CONFIGS = {
     "sm_90": ArchConfig(
-        forward=_c(128, 128, 32, 16, 8, 4), dlogits=_c(128, 128, 32, 8, 8, 4),
-        dhidden=_c(128, 128, 32, 8, 8, 4), dweight=_c(128, 64, 32, 4, 8, 4),
+        forward=_c(128, 128, 32, 16, 8, 4), dlogits=_c(128, 128, 16, 8, 8, 4),
+        dhidden=_c(128, 64, 32, 8, 8, 4), dweight=_c(128, 64, 32, 4, 8, 4),
         max_splits=256, min_split_tiles=1,
     ),
     "sm_80": ArchConfig(
-        forward=_c(128, 128, 32, 12, 8, 4), dlogits=_c(128, 128, 16, 8, 8, 4),
-        dhidden=_c(128, 128, 32, 8, 8, 4), dweight=_c(128, 64, 32, 4, 8, 4),
+        forward=_c(128, 128, 16, 12, 8, 4), dlogits=_c(128, 128, 16, 8, 8, 4),
+        dhidden=_c(128, 64, 32, 8, 8, 4), dweight=_c(128, 64, 32, 4, 8, 4),
         max_splits=256, min_split_tiles=1,
     ),
     "sm_86": ArchConfig(
         forward=_c(128, 128, 32, 9, 8, 3), dlogits=_c(128, 64, 32, 8, 8, 3),
-        dhidden=_c(128, 64, 32, 8, 8, 3), dweight=_c(64, 64, 32, 4, 4, 3),
+        dhidden=_c(128, 64, 32, 8, 8, 3), dweight=_c(64, 64, 32, 4, 8, 3),
         max_splits=256, min_split_tiles=1,
     ),
     "sm_89": ArchConfig(
         forward=_c(128, 128, 32, 16, 8, 3), dlogits=_c(128, 64, 32, 8, 8, 3),
-        dhidden=_c(128, 64, 32, 8, 8, 3), dweight=_c(64, 64, 32, 4, 4, 3),
+        dhidden=_c(128, 64, 32, 8, 8, 3), dweight=_c(64, 64, 32, 4, 8, 3),
         max_splits=256, min_split_tiles=1,
     ),
     "default": ArchConfig(
