@@ -82,9 +82,11 @@ def _run(hidden, weight, targets, bias, value_weight, value_bias, temperature, s
          grad_filter_eps, process_group):
     if isinstance(value_bias, (int, float)) and not isinstance(value_bias, bool) and isinstance(hidden, torch.Tensor):
         value_bias = torch.tensor(float(value_bias), dtype=hidden.dtype, device=hidden.device)
-    # A vocabulary shard's V is not the full V: the parallel path checks the targets' range itself.
+    # A vocabulary shard's V is not the full V: the parallel path checks the targets' range itself;
+    # under torch.compile the custom op does (the check syncs with the host).
+    compiling = torch.compiler.is_compiling()
     _check_inputs(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index,
-                  check_target_range=process_group is None)
+                  check_target_range=process_group is None and not compiling)
     grad_filter_eps = resolve_filter_eps(grad_filter_eps, hidden.dtype)
     lead = targets.shape
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
@@ -96,6 +98,11 @@ def _run(hidden, weight, targets, bias, value_weight, value_bias, temperature, s
 
         logp, rewards = vocab_parallel_linear_logprobs(hidden2d, weight, targets1d, bias, value_weight, value_bias,
                                                        temperature, softcap, ignore_index, process_group, resolved)
+    elif compiling:
+        from .._custom_ops import linear_logprobs_op
+
+        logp, rewards = linear_logprobs_op(hidden2d, weight, targets1d, bias, value_weight, value_bias, temperature,
+                                           softcap, ignore_index, resolved)
     elif resolved == "triton":
         from .kernels import linear_logprobs_triton
 
