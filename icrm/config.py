@@ -120,6 +120,10 @@ class RewardConfig:
                               f"(counted in metrics as skipped_steps). One of {NONFINITE_POLICIES}.", default="error")
     report_to: list[str] | None = _help(f"Also log metrics to these (of {REPORTERS}; 'none' or null: only metrics.jsonl).",
                                         default=None)
+    fsdp: bool = _help("Shard parameters, gradients and optimizer state over the ranks of a torchrun job with FSDP2 "
+                       "(torch.distributed.fsdp.fully_shard): one unit per decoder layer, the rest (embeddings, final "
+                       "norm, value head, LM-head copy) in the root unit; bf16/fp16 compute with fp32 gradient "
+                       "reduction on CUDA. Off: DDP under torchrun. One process: no effect.", default=False)
     # --- ICRM (ours) --------------------------------------------------------------------
     reg_ratio: float = _help("Weight of the consistency term: L = L_sft + reg_ratio L_align + (1 - reg_ratio) L_bt. 0: GRM.", default=0.1)
     sft_regularizer: bool = _help("Add the GRM SFT term L_sft (off with reg_ratio 0: plain Bradley-Terry).", default=True)
@@ -183,6 +187,8 @@ class RewardConfig:
         for name in ("model_name_or_path", "train_file", "output_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.fsdp and self.use_peft:
+            raise ValueError("fsdp and use_peft are both true; LoRA runs replicate the frozen backbone (use DDP: fsdp false)")
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are both true; choose at most one")
         if self.lora_target_modules is not None and (
