@@ -10,15 +10,19 @@ per-token log-probs (SFT term on chosen rows) and rewards; ``L = L_sft + 0.1 L_a
 at 0.5; the SFT gradient reaching the backbone scaled by 1e-3); backward; gradient clipping at
 1.0; AdamW step.
 
-* ``ours``: the trainer's own step. ``icrm.train.RewardTrainer.training_step`` (its loop body:
+* ``ours``: the trainer's own step with padding-free packing (``padding_free: true``: the 2B
+  sequences packed into one row with ``cu_seqlens`` and restarting ``position_ids``, as the
+  trainer's collator packs them). ``icrm.train.RewardTrainer.training_step`` (its loop body:
   ``RewardModel`` -> ``linear_logprobs_and_rewards``, ``Generator`` -> ``linear_logprobs``, never
-  the ``[T, V]`` logits; ``icrm.objective.icrm_loss`` with ``consistency_loss`` backend ``auto``;
-  backward), then the trainer's optimizer step (clipping + AdamW + scheduler).
+  the ``[T, V]`` logits; ``icrm.objective.icrm_loss`` with ``consistency_loss`` backend ``auto``
+  and the authors' ``row_mean`` baseline; backward), then the trainer's optimizer step
+  (clipping + AdamW + scheduler).
 * ``eager``: the authors' way, transcribed here independently of ``icrm/``: each model's full
   logits (its LM head on every position of every row), ``log_softmax(logits.float())`` +
   ``gather``, the value head on the hidden states, the loss written out below with the
-  plain-PyTorch consistency loss, ``clip_grad_norm_`` and ``torch.optim.AdamW``. It uses the
-  trainer's modules only as weight containers (same init, same parameters).
+  plain-PyTorch consistency loss, ``clip_grad_norm_`` and ``torch.optim.AdamW``, on ``[2B, T]``
+  rows (the authors pad; every row here has the full length, so nothing is padded). It uses
+  the trainer's modules only as weight containers (same init, same parameters).
 
 The two are checked against each other before timing: the loss and its parts, ``omega``, and
 the gradients of the LM-head copy, the value head and the input embeddings after the first
@@ -29,7 +33,12 @@ add fp32 master weights under autocast; it is left off so the two steps hold the
 Rows: ``op=train_step``, ``pass=fwd+bwd`` (incl. the optimizer step), ``N`` = tokens per
 step (2B x T), ``D`` = hidden size, ``V`` = vocabulary. Tokens/s = N / ms. The longest
 sequence that fits is found by doubling then bisecting T (multiples of 256): on GPU until
-out-of-memory, on CPU under a stated cap on the worker's peak RSS (``--cap-mb``).
+out-of-memory, on CPU under a stated cap on the worker's peak RSS (``--cap-mb``). ``--quick``
+searches up to T = 16384 (32768 tokens per pair) on the small config.
+
+Packed attention note: transformers builds the block-diagonal mask of a packed row as a dense
+``[N, N]`` boolean (``N = 2B T``), so ``ours`` carries that O(N^2) buffer (1 GiB at N = 32768);
+the eager rows use the mask-free causal path.
 
 Usage::
 
@@ -141,13 +150,17 @@ def build_ours(case: Case, device: str):
     args = RewardConfig(learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM, weight_decay=0.0,
                         lr_scheduler_type="constant", warmup_ratio=0.0, reg_ratio=REG_RATIO,
                         weight_scale=WEIGHT_SCALE, sft_grad_scale=SFT_GRAD_SCALE, kernels="auto",
+                        padding_free=True, baseline="row_mean",
                         cpu_threads=0,  # keep the harness's thread count
                         eval_file=None, bf16=False)
     # The tokenizer is only for datasets and saving, neither of which a step touches.
     trainer = RewardTrainer(model=rm, args=args, processing_class=build_tiny_tokenizer(), generator=generator)
     trainer._build_optimizer(total_steps=1)
     trainer.model.train()
-    batch = {"input_ids": input_ids, "labels": labels}
+    from icrm.data import _pack_rows
+
+    # The trainer's own packing of the same 2B sequences (prompt = the first T/4 of each).
+    batch = {k: v.to(device) for k, v in _pack_rows(input_ids.tolist(), [input_ids.shape[1] // 4] * input_ids.shape[0]).items()}
 
     def step() -> dict:
         metrics = trainer.training_step(batch)
@@ -258,12 +271,9 @@ def fits(result_rows, notes_cases, cap_mb, kind) -> bool:
     return kind == "cuda" or notes_cases[-1]["peak_abs_mb"] <= cap_mb
 
 
-class OutOfTime(Exception):
-    """The search's time budget ran out before its next probe."""
-
-
-def longest_fitting(impl, config, pairs, dtype, kind, cap_mb, t_max, rows, notes, deadline=math.inf) -> dict:
-    """Doubling from T=256, then bisection in steps of 256; every probe is a row.
+def longest_fitting(impl, config, pairs, dtype, kind, cap_mb, t_max, rows, notes, deadline=math.inf,
+                    t_start=256) -> dict:
+    """Doubling from ``t_start``, then bisection in steps of 256; every probe is a row.
 
     No probe starts after ``deadline`` (``time.monotonic()``): the search then reports the
     longest T that fitted so far and ``stopped_by_budget``."""
@@ -286,17 +296,19 @@ def longest_fitting(impl, config, pairs, dtype, kind, cap_mb, t_max, rows, notes
         return ok
 
     try:
-        good, capped = longest(probe, t_max)
+        good, capped = longest(probe, t_max, start=t_start)
     except OutOfTime:
-        return {"impl": impl, "max_T": fitted, "search_cap_T": t_max, "hit_search_cap": False, "stopped_by_budget": True}
-    return {"impl": impl, "max_T": good, "search_cap_T": t_max, "hit_search_cap": capped}
+        return {"impl": impl, "max_T": fitted, "search_cap_T": t_max, "search_start_T": t_start, "hit_search_cap": False,
+                "stopped_by_budget": True}
+    return {"impl": impl, "max_T": good, "search_cap_T": t_max, "search_start_T": t_start, "hit_search_cap": capped}
 
 
-def longest(fits_at, t_max: int, step: int = 256) -> tuple[int, bool]:
+def longest(fits_at, t_max: int, step: int = 256, start: int | None = None) -> tuple[int, bool]:
     """Largest multiple of ``step`` <= ``t_max`` where ``fits_at`` holds (0 if none), assuming
     it holds below some threshold only; and whether the search stopped at ``t_max``.
-    Doubles from ``step``, then bisects between the last fit and the first failure."""
-    good, length = 0, step
+    Doubles from ``start`` (default ``step``), then bisects between the last fit and the first
+    failure (from 0 when ``start`` itself fails)."""
+    good, length = 0, start or step
     while length <= t_max:
         if not fits_at(length):
             break
@@ -324,13 +336,14 @@ def main(argv=None) -> int:
     parser.add_argument("--search-budget-s", type=float, default=math.inf,
                         help="start no search probe later than this many seconds after the start, the time split "
                              "evenly between the implementations' searches (the results so far are kept)")
+    parser.add_argument("--start-t", type=int, default=256, help="first T of the longest-sequence search (doubled)")
     args = parser.parse_args(argv)
     start = time.monotonic()
     kind = harness.device_kind()
     mode = "tiny" if args.tiny else "quick" if args.quick else kind
     config, pairs, length, dtype, t_max = {
         "tiny": ("tiny", 1, 128, "fp32", 256),
-        "quick": ("small", 1, 512, "fp32", 16384),
+        "quick": ("small", 1, 512, "fp32", 16384),  # 16384 per sequence: 32768 tokens per pair
         "cpu": ("small", 2, 1024, "fp32", 32768),
         "cuda": ("1b", 2, 1024, "bf16", 65536),
     }[mode]
@@ -357,7 +370,7 @@ def main(argv=None) -> int:
             now = time.monotonic()
             deadline = now + (start + args.search_budget_s - now) / (len(impls) - i)
             notes["max_T"].append(longest_fitting(impl, config, pairs, dtype, kind, args.cap_mb, t_max, rows, notes,
-                                                  deadline=deadline))
+                                                  deadline=deadline, t_start=args.start_t))
             print("[train_step] " + json.dumps(notes["max_T"][-1]), flush=True)
             checkpoint()
     return 0

@@ -284,7 +284,8 @@ def train_step_tables(rows, notes) -> list[str]:
     cap = notes.get("cap_mb")
     if notes.get("max_T"):
         rule = f"peak RSS of the worker process <= {cap:.0f} MB" if cap else "no CUDA out-of-memory"
-        out += [f"**Longest sequence that fits** ({rule}; T doubled from 256, then bisected in steps of 256):", ""]
+        start = notes["max_T"][0].get("search_start_T", 256)
+        out += [f"**Longest sequence that fits** ({rule}; T doubled from {start}, then bisected in steps of 256):", ""]
         out += _table(["impl", "max T", "note"], [
             [m["impl"], m["max_T"], "search stopped by the time budget (a lower bound)" if m.get("stopped_by_budget")
              else f"search capped at T={m['search_cap_T']}" if m["hit_search_cap"] else ""]
