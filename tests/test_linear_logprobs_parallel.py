@@ -36,6 +36,8 @@ def _worker(rank, world, port, backend, dtype, cases):
         for case in cases:
             _check_case(rank, world, backend, dtype, **case)
         _check_bad_target(rank, world)
+        if dtype == torch.float32:
+            _check_dtensor_weight(rank, world)
     finally:
         dist.destroy_process_group()
 
@@ -109,6 +111,32 @@ def _check_bad_target(rank, world):
     weight = torch.zeros(SHARDS[world][rank], D)
     with pytest.raises(ValueError, match=rf"targets must lie in \[0, {vocab}\)"):
         ik.linear_logprobs(hidden, weight, torch.tensor([0, vocab]), process_group=dist.group.WORLD, backend="reference")
+
+
+def _check_dtensor_weight(rank, world):
+    """A ``Shard(0)`` DTensor head (torch's even chunks) needs no process_group; its gradient is a DTensor."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    _, _, inputs, targets, grad_logp, grad_rewards = _problem(world, 2, torch.float32, True)
+    hidden, weight, bias, value_weight, value_bias = inputs
+    mesh = init_device_mesh("cpu", (world,))
+    w = distribute_tensor(weight.float(), mesh, [Shard(0)]).requires_grad_()
+    b = distribute_tensor(bias.float(), mesh, [Shard(0)]).requires_grad_()
+    h = hidden.float().requires_grad_()
+    logp = ik.linear_logprobs(h, w, targets, bias=b, ignore_index=IGNORE, backend="reference")
+    (logp * grad_logp.float()).sum().backward()
+    gold_w, gold_b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    gold = ref.linear_logprobs_reference(hidden, gold_w, targets, gold_b, 1.0, None, IGNORE)
+    (gold * grad_logp).sum().backward()
+    where = f"rank {rank}/{world} DTensor weight"
+    torch.testing.assert_close(logp.double(), gold.detach(), rtol=1e-5, atol=1e-5, msg=lambda m: f"{where} logp: {m}")
+    torch.testing.assert_close(w.grad.full_tensor().double(), gold_w.grad, rtol=1e-5, atol=1e-5,
+                               msg=lambda m: f"{where} d_weight: {m}")
+    torch.testing.assert_close(b.grad.full_tensor().double(), gold_b.grad, rtol=1e-5, atol=1e-5,
+                               msg=lambda m: f"{where} d_bias: {m}")
+    with pytest.raises(ValueError, match="bias: a DTensor LM head must be Shard"):
+        ik.linear_logprobs(h, w, targets, bias=bias.float(), backend="reference")
 
 
 CASES = [

@@ -24,6 +24,11 @@ from .._validate import (
 )
 from .reference import linear_logprobs_auto_reference, rewards_reference
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed: no DTensor weights to accept
+    DTensor = ()
+
 __all__ = ["linear_logprobs", "linear_logprobs_and_rewards"]
 
 
@@ -85,6 +90,10 @@ def _run(hidden, weight, targets, bias, value_weight, value_bias, temperature, s
     # A vocabulary shard's V is not the full V: the parallel path checks the targets' range itself;
     # under torch.compile the custom op does (the check syncs with the host).
     compiling = torch.compiler.is_compiling()
+    if isinstance(weight, DTensor):
+        from .parallel import local_shard
+
+        weight, bias, process_group = local_shard(weight, bias, process_group)
     _check_inputs(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index,
                   check_target_range=process_group is None and not compiling)
     grad_filter_eps = resolve_filter_eps(grad_filter_eps, hidden.dtype)
@@ -150,7 +159,9 @@ def linear_logprobs(
             of the head's rows (shards in rank order), ``hidden`` and the GLOBAL ``targets`` are
             the same on every rank, and every rank gets the full-vocabulary log-probs. The
             gradient flowing in must be the same on every rank; ``hidden``'s gradient comes back
-            summed over the shards, ``weight``'s and ``bias``'s are this shard's.
+            summed over the shards, ``weight``'s and ``bias``'s are this shard's. A ``DTensor``
+            ``weight`` (and ``bias``) placed ``Shard(0)`` on a 1-D device mesh is taken as this
+            layout over the mesh's group, without ``process_group``.
 
     Returns:
         ``[N]`` (or ``[...]``) float32 log-probs (float64 for float64 inputs). Gradients

@@ -45,6 +45,26 @@ def launchers(backend: str):
     return reference.forward_launch, reference.backward_launch
 
 
+def local_shard(weight, bias, process_group):
+    """A ``DTensor`` weight (and bias) ``Shard(0)`` over a 1-D device mesh -> ``(local rows,
+    local bias, the mesh's process group)``: its chunks are contiguous and in rank order, the
+    layout ``process_group=`` expects. Gradients flow back to the DTensors."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    def rows_of(name, t):
+        if not isinstance(t, DTensor) or t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+            got = f"placements {tuple(t.placements)} on a {t.device_mesh.ndim}-D mesh" if isinstance(t, DTensor) \
+                else f"a {type(t).__name__}"
+            raise ValueError(f"{name}: a DTensor LM head must be Shard(0) over a 1-D device mesh (vocabulary "
+                             f"parallel), and so must its bias; got {got}")
+        return t.to_local()
+
+    group = weight.device_mesh.get_group()
+    if process_group is not None and process_group != group:
+        raise ValueError("process_group differs from the device mesh of the DTensor weight; pass one of them")
+    return rows_of("weight", weight), None if bias is None else rows_of("bias", bias), group
+
+
 def shard_layout(process_group, local_vocab: int, device: torch.device) -> tuple[int, int]:
     """``(vocab_start, full V)`` of this rank's shard: shards are contiguous and in rank order."""
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
