@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import kernels_have_launcher_contract
+
 import icrm_kernels as ik
 from icrm_kernels import _custom_ops as ops
 
@@ -57,17 +59,9 @@ def test_opcheck_linear_logprobs_reference(dtype, with_bias, with_value, tempera
         ))
 
 
-def _kernels_contract_available() -> bool:
-    try:
-        from icrm_kernels.linear_logprobs import kernels
-    except ImportError:
-        return False
-    return hasattr(kernels, "forward_launch") and hasattr(kernels, "backward_launch")
-
-
 @pytest.mark.interpret
-@pytest.mark.skipif(not _kernels_contract_available(), reason="kernels.py lacks forward_launch/backward_launch "
-                    "(the issue-14 launcher contract); runs once the new kernels are merged")
+@pytest.mark.skipif(not kernels_have_launcher_contract(), reason="kernels.py lacks forward_launch/backward_launch "
+                    "(the vocab_start launcher contract); runs once the new kernels are merged")
 def test_opcheck_linear_logprobs_triton():
     inputs = _linear_inputs(torch.float32, True, True)
     _assert_opcheck(ops.linear_logprobs_forward, _requiring_grad(inputs) + (1.0, 3.0, -100, "triton"))

@@ -12,6 +12,11 @@ Two versions of op 2:
   logits in its own backward, so the extra memory is ``O(chunk_rows * V)`` instead of
   ``O(N * V)``. This is what ``backend="reference"`` runs on large inputs.
 
+The chunked loops are :func:`forward_launch` / :func:`backward_launch`, with the same contract
+as the Triton launchers (global targets and a ``vocab_start`` for a block of the head's rows,
+a backward that takes the full vocabulary's ``lse``), so the vocabulary-parallel path
+(``parallel.py``) and the ``torch.library`` ops (``icrm_kernels._custom_ops``) run either backend.
+
 Everything accumulates in float32 (float64 when the inputs are float64, for the gold).
 """
 
