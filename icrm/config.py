@@ -232,6 +232,8 @@ class RewardConfig:
             if value not in TRL_FIXED[name]:
                 raise ValueError(f"{name}: icrm supports only {list(TRL_FIXED[name])} (what it always does), got {value!r}")
         values = {k: v for k, v in values.items() if k not in TRL_FIXED}
+        if "fsdp" in values:
+            values["fsdp"] = _trl_fsdp(values["fsdp"])
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"unknown config field(s) {unknown}; run `icrm train --help` for the list")
@@ -257,6 +259,22 @@ class RewardConfig:
             raise IcrmError(f"config file {path} must hold a mapping of field: value, got {type(values).__name__}")
         values.update(overrides or {})
         return cls.from_dict(values)
+
+
+def _trl_fsdp(value):
+    """TRL's ``fsdp`` (a string or list of modes) as icrm's bool: ``full_shard`` (with or without
+    ``auto_wrap``, which icrm always does per decoder layer) is FSDP2, ``""`` / ``[]`` is off;
+    anything else is left to the bool parser or refused here."""
+    text = " ".join(value) if isinstance(value, list) else value
+    if not isinstance(text, str) or text.strip().lower() in _TRUE | _FALSE | {"none", "null"}:
+        return value
+    modes = set(text.split())
+    if not modes:
+        return False
+    if "full_shard" in modes and modes <= {"full_shard", "auto_wrap"}:
+        return True
+    raise ValueError(f"fsdp: icrm runs FSDP2 with full sharding per decoder layer: true / false, or TRL's "
+                     f"'full_shard' ['auto_wrap']; got {value!r}")
 
 
 def _check_int(name: str, value, *, minimum: int) -> None:

@@ -100,3 +100,20 @@ def test_ddp_and_fsdp_match_one_process_and_resume_across_world_sizes(tmp_path, 
                       resume_from_checkpoint=str(fsdp / "checkpoint-4"))
     assert sorted(resumed) == [5, 6]
     _assert_same_losses(resumed, single, "1 process resumed from 2-rank FSDP2")
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("true", True), ("false", False), (True, True), ("full_shard", True), ("full_shard auto_wrap", True),
+    (["full_shard", "auto_wrap"], True), ("", False), ([], False),
+])
+def test_fsdp_field_reads_trl_values(value, expected):
+    assert RewardConfig.from_dict({"fsdp": value}).fsdp is expected
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"fsdp": "shard_grad_op"}, "fsdp: icrm runs FSDP2"), ({"fsdp": "full_shard offload"}, "fsdp: icrm runs FSDP2"),
+    ({"fsdp": True, "use_peft": True}, "fsdp and use_peft"),
+])
+def test_fsdp_bad_values_name_the_field(values, message):
+    with pytest.raises(ValueError, match=message):
+        RewardConfig.from_dict(values)
