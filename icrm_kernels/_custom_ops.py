@@ -42,6 +42,7 @@ def _none_as_empty(t: Tensor | None, like: Tensor) -> Tensor:
 def linear_logprobs_forward(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, value_weight: Tensor | None,
     value_bias: Tensor | None, temperature: float, softcap: float | None, ignore_index: int, backend: str,
+    grad_filter_eps: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """hidden [N, D], weight [V, D], bias [V], targets [N] int64, value_weight [D], value_bias [1]
     -> ``(logp [N], rewards [N] (or [0] without a value head), lse [N])``, fp32 (fp64 for fp64)."""
@@ -53,7 +54,8 @@ def linear_logprobs_forward(
 
 
 @linear_logprobs_forward.register_fake
-def _(hidden, weight, bias, targets, value_weight, value_bias, temperature, softcap, ignore_index, backend):
+def _(hidden, weight, bias, targets, value_weight, value_bias, temperature, softcap, ignore_index, backend,
+      grad_filter_eps):
     n, acc = hidden.shape[0], accumulate_dtype(hidden.dtype)
     rows = n if value_weight is not None else 0
     return hidden.new_empty(n, dtype=acc), hidden.new_empty(rows, dtype=acc), hidden.new_empty(n, dtype=acc)
@@ -63,11 +65,11 @@ def _(hidden, weight, bias, targets, value_weight, value_bias, temperature, soft
 def linear_logprobs_backward(
     grad_logp: Tensor, grad_rewards: Tensor | None, hidden: Tensor, weight: Tensor, bias: Tensor | None,
     targets: Tensor, value_weight: Tensor | None, value_bias: Tensor | None, lse: Tensor, temperature: float,
-    softcap: float | None, ignore_index: int, backend: str, needs: list[bool],
+    softcap: float | None, ignore_index: int, backend: str, grad_filter_eps: float | None, needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``(hidden, weight, bias, value_weight, value_bias)`` in their dtypes; ``[0]``
     where ``needs`` (same order) is false or the input is absent."""
-    _, backward_launch = launchers(backend)
+    _, backward_launch = launchers(backend, grad_filter_eps)
     grads = backward_launch(grad_logp.contiguous(), grad_rewards, hidden, weight, bias, targets, value_weight, lse,
                             temperature=temperature, softcap=softcap, ignore_index=ignore_index, needs=tuple(needs))
     inputs = (hidden, weight, bias, value_weight, value_bias)
@@ -76,15 +78,15 @@ def linear_logprobs_backward(
 
 @linear_logprobs_backward.register_fake
 def _(grad_logp, grad_rewards, hidden, weight, bias, targets, value_weight, value_bias, lse, temperature, softcap,
-      ignore_index, backend, needs):
+      ignore_index, backend, grad_filter_eps, needs):
     inputs = (hidden, weight, bias, value_weight, value_bias)
     return tuple(torch.empty_like(x) if need and x is not None else hidden.new_empty(0) for x, need in zip(inputs, needs))
 
 
 def _linear_setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, value_weight, value_bias, temperature, softcap, ignore_index, backend = inputs
+    hidden, weight, bias, targets, value_weight, value_bias, *options = inputs
     ctx.save_for_backward(hidden, weight, bias, targets, value_weight, value_bias, output[2])
-    ctx.options = (temperature, softcap, ignore_index, backend)
+    ctx.options = tuple(options)  # temperature, softcap, ignore_index, backend, grad_filter_eps
 
 
 def _linear_backward(ctx, grad_logp, grad_rewards, _grad_lse):
@@ -94,20 +96,20 @@ def _linear_backward(ctx, grad_logp, grad_rewards, _grad_lse):
     grads = linear_logprobs_backward(grad_logp, grad_rewards, hidden, weight, bias, targets, value_weight, value_bias,
                                      lse, *ctx.options, needs)
     d_hidden, d_weight, d_bias, d_value_weight, d_value_bias = (g if need else None for g, need in zip(grads, needs))
-    return d_hidden, d_weight, d_bias, None, d_value_weight, d_value_bias, None, None, None, None
+    return d_hidden, d_weight, d_bias, None, d_value_weight, d_value_bias, None, None, None, None, None
 
 
 linear_logprobs_forward.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
 def linear_logprobs_op(hidden2d, weight, targets1d, bias, value_weight, value_bias, temperature, softcap,
-                       ignore_index, backend):
+                       ignore_index, backend, grad_filter_eps):
     """The ops' form of ``linear_logprobs_triton``: ``(logp [N], rewards [N] or None)``."""
     vw = None if value_weight is None else value_weight.reshape(-1)
     vb = None if value_bias is None else value_bias.reshape(1)
     bias = None if bias is None else bias.contiguous()
     logp, rewards, _ = linear_logprobs_forward(hidden2d.contiguous(), weight.contiguous(), bias, targets1d, vw, vb,
-                                               temperature, softcap, ignore_index, backend)
+                                               temperature, softcap, ignore_index, backend, grad_filter_eps)
     return logp, None if value_weight is None else rewards
 
 

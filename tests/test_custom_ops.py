@@ -47,15 +47,15 @@ def _assert_opcheck(op, args):
 @pytest.mark.parametrize("dtype, with_bias, with_value, temperature, softcap", LINEAR_CASES)
 def test_opcheck_linear_logprobs_reference(dtype, with_bias, with_value, temperature, softcap):
     inputs = _linear_inputs(dtype, with_bias, with_value)
-    _assert_opcheck(ops.linear_logprobs_forward, _requiring_grad(inputs) + (temperature, softcap, -100, "reference"))
+    _assert_opcheck(ops.linear_logprobs_forward, _requiring_grad(inputs) + (temperature, softcap, -100, "reference", None))
     with torch.no_grad():
-        logp, _, lse = ops.linear_logprobs_forward(*inputs, temperature, softcap, -100, "reference")
+        logp, _, lse = ops.linear_logprobs_forward(*inputs, temperature, softcap, -100, "reference", None)
     hidden, weight, bias, targets, value_weight, value_bias = (None if t is None else t.detach() for t in inputs)
     grad = torch.randn(N, dtype=logp.dtype, generator=torch.Generator().manual_seed(1))
     for needs in ([True] * 5, [False, True, with_bias, False, with_value]):
         _assert_opcheck(ops.linear_logprobs_backward, (
             grad, grad if with_value else None, hidden, weight, bias, targets, value_weight, value_bias, lse,
-            temperature, softcap, -100, "reference", needs,
+            temperature, softcap, -100, "reference", None, needs,
         ))
 
 
@@ -64,7 +64,7 @@ def test_opcheck_linear_logprobs_reference(dtype, with_bias, with_value, tempera
                     "(the vocab_start launcher contract); runs once the new kernels are merged")
 def test_opcheck_linear_logprobs_triton():
     inputs = _linear_inputs(torch.float32, True, True)
-    _assert_opcheck(ops.linear_logprobs_forward, _requiring_grad(inputs) + (1.0, 3.0, -100, "triton"))
+    _assert_opcheck(ops.linear_logprobs_forward, _requiring_grad(inputs) + (1.0, 3.0, -100, "triton", None))
 
 
 def _consistency_inputs(packed, seed=0):

@@ -106,12 +106,13 @@ def _run(hidden, weight, targets, bias, value_weight, value_bias, temperature, s
         from .parallel import vocab_parallel_linear_logprobs
 
         logp, rewards = vocab_parallel_linear_logprobs(hidden2d, weight, targets1d, bias, value_weight, value_bias,
-                                                       temperature, softcap, ignore_index, process_group, resolved)
+                                                       temperature, softcap, ignore_index, process_group, resolved,
+                                                       grad_filter_eps)
     elif compiling:
         from .._custom_ops import linear_logprobs_op
 
         logp, rewards = linear_logprobs_op(hidden2d, weight, targets1d, bias, value_weight, value_bias, temperature,
-                                           softcap, ignore_index, resolved)
+                                           softcap, ignore_index, resolved, grad_filter_eps)
     elif resolved == "triton":
         from .kernels import linear_logprobs_triton
 

@@ -33,13 +33,14 @@ from .._validate import check_targets
 from .reference import cast_grad, rewards_reference
 
 
-def launchers(backend: str):
-    """``(forward_launch, backward_launch)`` of the resolved backend (``"triton" | "reference"``)."""
+def launchers(backend: str, grad_filter_eps: float | None = None):
+    """``(forward_launch, backward_launch)`` of the resolved backend (``"triton" | "reference"``);
+    the Triton backward filters with the resolved ``grad_filter_eps`` (None: exact), the
+    reference never filters."""
     if backend == "triton":
         from . import kernels
 
-        # Exact gradients: the vocabulary-parallel sum must not drop small softmax tiles.
-        return kernels.forward_launch, functools.partial(kernels.backward_launch, grad_filter_eps=0.0)
+        return kernels.forward_launch, functools.partial(kernels.backward_launch, grad_filter_eps=grad_filter_eps)
     from . import reference
 
     return reference.forward_launch, reference.backward_launch
@@ -76,7 +77,7 @@ def shard_layout(process_group, local_vocab: int, device: torch.device) -> tuple
 
 class _VocabParallelLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, options, vocab_start, process_group, backend):
+    def forward(ctx, hidden, weight, bias, targets, options, vocab_start, process_group, backend, grad_filter_eps):
         forward_launch, _ = launchers(backend)
         logp_local, _, lse_local = forward_launch(hidden, weight, bias, targets, None, None,
                                                   vocab_start=vocab_start, **options)
@@ -92,13 +93,14 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         lse = torch.logsumexp(merged[:world], dim=0)
         logp = torch.where(valid, merged[world] - lse, torch.zeros((), dtype=lse.dtype, device=lse.device))
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.options, ctx.vocab_start, ctx.process_group, ctx.backend = options, vocab_start, process_group, backend
+        ctx.options, ctx.vocab_start, ctx.process_group = options, vocab_start, process_group
+        ctx.launchers = (backend, grad_filter_eps)
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        _, backward_launch = launchers(ctx.backend)
+        _, backward_launch = launchers(*ctx.launchers)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         d_hidden, d_weight, d_bias, _, _ = backward_launch(
             grad_logp.contiguous(), None, hidden, weight, bias, targets, None, lse,
@@ -107,14 +109,15 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         if d_hidden is not None:
             # Every rank's shard contributes to every row of d_hidden: sum them (no vocab gather).
             dist.all_reduce(d_hidden, group=ctx.process_group)
-        return cast_grad(d_hidden, hidden), cast_grad(d_weight, weight), cast_grad(d_bias, bias), None, None, None, None, None
+        return cast_grad(d_hidden, hidden), cast_grad(d_weight, weight), cast_grad(d_bias, bias), None, None, None, None, None, None
 
 
 def vocab_parallel_linear_logprobs(hidden2d, weight, targets1d, bias, value_weight, value_bias, temperature,
-                                   softcap, ignore_index, process_group, backend):
+                                   softcap, ignore_index, process_group, backend, grad_filter_eps):
     """hidden2d [N, D], weight [V_r, D] (this rank's rows), targets1d [N] global ids, bias [V_r],
     value_weight [D] or [1, D], value_bias [] or [1] -> ``(logp [N], rewards [N] or None)`` over
-    the full vocabulary, on every rank. ``backend`` is resolved; inputs are validated by the caller
+    the full vocabulary, on every rank. ``backend`` and ``grad_filter_eps`` are resolved (the filter
+    is local to each shard's tiles, with the global softmax); inputs are validated by the caller
     except the targets' range, which needs the full V (checked here)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("process_group was given but torch.distributed is not initialized; call "
@@ -125,6 +128,6 @@ def vocab_parallel_linear_logprobs(hidden2d, weight, targets1d, bias, value_weig
     hidden2d, weight = hidden2d.contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     logp = _VocabParallelLinearLogprobs.apply(hidden2d, weight, bias, targets1d.contiguous(), options, vocab_start,
-                                              process_group, backend)
+                                              process_group, backend, grad_filter_eps)
     rewards = None if value_weight is None else rewards_reference(hidden2d, value_weight, value_bias)
     return logp, rewards
