@@ -10,15 +10,20 @@ per-token log-probs (SFT term on chosen rows) and rewards; ``L = L_sft + 0.1 L_a
 at 0.5; the SFT gradient reaching the backbone scaled by 1e-3); backward; gradient clipping at
 1.0; AdamW step.
 
-* ``ours``: the trainer's own step. ``icrm.train.RewardTrainer.training_step`` (its loop body:
+* ``ours``: the trainer's own step, on ``[2B, T]`` rows, or with ``--packed`` padding-free
+  (``padding_free: true``: the 2B sequences packed into one row with ``cu_seqlens`` and
+  restarting ``position_ids``, as the trainer's collator packs them; results go to
+  ``train_step_packed_<device>.csv``). ``icrm.train.RewardTrainer.training_step`` (its loop body:
   ``RewardModel`` -> ``linear_logprobs_and_rewards``, ``Generator`` -> ``linear_logprobs``, never
-  the ``[T, V]`` logits; ``icrm.objective.icrm_loss`` with ``consistency_loss`` backend ``auto``;
-  backward), then the trainer's optimizer step (clipping + AdamW + scheduler).
+  the ``[T, V]`` logits; ``icrm.objective.icrm_loss`` with ``consistency_loss`` backend ``auto``
+  and the authors' ``row_mean`` baseline; backward), then the trainer's optimizer step
+  (clipping + AdamW + scheduler).
 * ``eager``: the authors' way, transcribed here independently of ``icrm/``: each model's full
   logits (its LM head on every position of every row), ``log_softmax(logits.float())`` +
   ``gather``, the value head on the hidden states, the loss written out below with the
-  plain-PyTorch consistency loss, ``clip_grad_norm_`` and ``torch.optim.AdamW``. It uses the
-  trainer's modules only as weight containers (same init, same parameters).
+  plain-PyTorch consistency loss, ``clip_grad_norm_`` and ``torch.optim.AdamW``, on ``[2B, T]``
+  rows (the authors pad; every row here has the full length, so nothing is padded). It uses
+  the trainer's modules only as weight containers (same init, same parameters).
 
 The two are checked against each other before timing: the loss and its parts, ``omega``, and
 the gradients of the LM-head copy, the value head and the input embeddings after the first
@@ -29,7 +34,14 @@ add fp32 master weights under autocast; it is left off so the two steps hold the
 Rows: ``op=train_step``, ``pass=fwd+bwd`` (incl. the optimizer step), ``N`` = tokens per
 step (2B x T), ``D`` = hidden size, ``V`` = vocabulary. Tokens/s = N / ms. The longest
 sequence that fits is found by doubling then bisecting T (multiples of 256): on GPU until
-out-of-memory, on CPU under a stated cap on the worker's peak RSS (``--cap-mb``).
+out-of-memory, on CPU under a stated cap on the worker's peak RSS (``--cap-mb``). ``--quick``
+searches up to T = 16384 (32768 tokens per pair) on the small config (``--t-max`` overrides).
+
+Packed rows and attention: every row here has the full length, so the ``[2B, T]`` layout holds
+no padding either; packing changes only the attention. transformers turns a packed row's
+restarting ``position_ids`` into a dense ``[N, N]`` block-diagonal mask (``N = 2B T``), and
+PyTorch's CPU SDPA with a mask takes the path that materialises the ``[heads, N, N]`` scores:
+O(N^2) memory that the fused heads do not remove (GPUs use the varlen flash kernels instead).
 
 Usage::
 
@@ -138,9 +150,11 @@ def build_ours(case: Case, device: str):
 
     rm, generator = make_models(case, device)
     input_ids, labels = make_batch(case, device)
+    packed = case.extra.get("packed", False)
     args = RewardConfig(learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM, weight_decay=0.0,
                         lr_scheduler_type="constant", warmup_ratio=0.0, reg_ratio=REG_RATIO,
                         weight_scale=WEIGHT_SCALE, sft_grad_scale=SFT_GRAD_SCALE, kernels="auto",
+                        padding_free=packed, baseline="row_mean",
                         cpu_threads=0,  # keep the harness's thread count
                         eval_file=None, bf16=False)
     # The tokenizer is only for datasets and saving, neither of which a step touches.
@@ -148,6 +162,12 @@ def build_ours(case: Case, device: str):
     trainer._build_optimizer(total_steps=1)
     trainer.model.train()
     batch = {"input_ids": input_ids, "labels": labels}
+    if packed:
+        from icrm.data import _pack_rows
+
+        # The trainer's own packing of the same 2B sequences (prompt = the first T/4 of each).
+        rows = input_ids.shape[0]
+        batch = {k: v.to(device) for k, v in _pack_rows(input_ids.tolist(), [input_ids.shape[1] // 4] * rows).items()}
 
     def step() -> dict:
         metrics = trainer.training_step(batch)
@@ -243,8 +263,8 @@ def build(case: Case, device: str):
 BENCH = harness.Benchmark(stem="train_step", script=__file__, build=build, oracle="ours", gemm_peak=False)
 
 
-def make_case(impl, config, pairs, length, dtype, unchecked=False) -> Case:
-    extra = {"config": config, "pairs": pairs, "T": length}
+def make_case(impl, config, pairs, length, dtype, unchecked=False, packed=False) -> Case:
+    extra = {"config": config, "pairs": pairs, "T": length, "packed": packed}
     if unchecked:
         extra["unchecked"] = True
     return Case("train_step", impl, "fwd+bwd", 2 * pairs * length, CONFIGS[config]["hidden_size"],
@@ -258,12 +278,9 @@ def fits(result_rows, notes_cases, cap_mb, kind) -> bool:
     return kind == "cuda" or notes_cases[-1]["peak_abs_mb"] <= cap_mb
 
 
-class OutOfTime(Exception):
-    """The search's time budget ran out before its next probe."""
-
-
-def longest_fitting(impl, config, pairs, dtype, kind, cap_mb, t_max, rows, notes, deadline=math.inf) -> dict:
-    """Doubling from T=256, then bisection in steps of 256; every probe is a row.
+def longest_fitting(impl, config, pairs, dtype, kind, cap_mb, t_max, rows, notes, deadline=math.inf,
+                    t_start=256, packed=False) -> dict:
+    """Doubling from ``t_start``, then bisection in steps of 256; every probe is a row.
 
     No probe starts after ``deadline`` (``time.monotonic()``): the search then reports the
     longest T that fitted so far and ``stopped_by_budget``."""
@@ -273,7 +290,7 @@ def longest_fitting(impl, config, pairs, dtype, kind, cap_mb, t_max, rows, notes
         nonlocal fitted
         if time.monotonic() > deadline:
             raise OutOfTime
-        case = make_case(impl, config, pairs, length, dtype, unchecked=True)
+        case = make_case(impl, config, pairs, length, dtype, unchecked=True, packed=packed)
         got_rows, got_notes = harness.run_cases(BENCH, [case], kind, budget_s=0.0, max_reps=1)
         rows.extend(got_rows)
         notes["skipped"].extend(got_notes["skipped"])
@@ -286,17 +303,19 @@ def longest_fitting(impl, config, pairs, dtype, kind, cap_mb, t_max, rows, notes
         return ok
 
     try:
-        good, capped = longest(probe, t_max)
+        good, capped = longest(probe, t_max, start=t_start)
     except OutOfTime:
-        return {"impl": impl, "max_T": fitted, "search_cap_T": t_max, "hit_search_cap": False, "stopped_by_budget": True}
-    return {"impl": impl, "max_T": good, "search_cap_T": t_max, "hit_search_cap": capped}
+        return {"impl": impl, "max_T": fitted, "search_cap_T": t_max, "search_start_T": t_start, "hit_search_cap": False,
+                "stopped_by_budget": True}
+    return {"impl": impl, "max_T": good, "search_cap_T": t_max, "search_start_T": t_start, "hit_search_cap": capped}
 
 
-def longest(fits_at, t_max: int, step: int = 256) -> tuple[int, bool]:
+def longest(fits_at, t_max: int, step: int = 256, start: int | None = None) -> tuple[int, bool]:
     """Largest multiple of ``step`` <= ``t_max`` where ``fits_at`` holds (0 if none), assuming
     it holds below some threshold only; and whether the search stopped at ``t_max``.
-    Doubles from ``step``, then bisects between the last fit and the first failure."""
-    good, length = 0, step
+    Doubles from ``start`` (default ``step``), then bisects between the last fit and the first
+    failure (from 0 when ``start`` itself fails)."""
+    good, length = 0, start or step
     while length <= t_max:
         if not fits_at(length):
             break
@@ -324,13 +343,15 @@ def main(argv=None) -> int:
     parser.add_argument("--search-budget-s", type=float, default=math.inf,
                         help="start no search probe later than this many seconds after the start, the time split "
                              "evenly between the implementations' searches (the results so far are kept)")
+    parser.add_argument("--start-t", type=int, default=256, help="first T of the longest-sequence search (doubled)")
+    parser.add_argument("--packed", action="store_true", help="ours: padding-free packed rows (train_step_packed_*.csv)")
     args = parser.parse_args(argv)
     start = time.monotonic()
     kind = harness.device_kind()
     mode = "tiny" if args.tiny else "quick" if args.quick else kind
     config, pairs, length, dtype, t_max = {
         "tiny": ("tiny", 1, 128, "fp32", 256),
-        "quick": ("small", 1, 512, "fp32", 16384),
+        "quick": ("small", 1, 512, "fp32", 16384),  # 16384 per sequence: 32768 tokens per pair
         "cpu": ("small", 2, 1024, "fp32", 32768),
         "cuda": ("1b", 2, 1024, "bf16", 65536),
     }[mode]
@@ -338,18 +359,18 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()[0]
     impls = IMPLS if args.impls is None else tuple(args.impls.split(","))
     budget = args.budget_s if args.budget_s is not None else {"tiny": 0.02, "quick": 3.0}.get(mode, 10.0)
-    rows, notes = harness.run_cases(BENCH, [make_case(i, config, pairs, length, dtype) for i in impls], kind,
-                                    budget_s=budget, max_reps=5)
+    rows, notes = harness.run_cases(BENCH, [make_case(i, config, pairs, length, dtype, packed=args.packed) for i in impls],
+                                    kind, budget_s=budget, max_reps=5)
     notes.update(mode=mode, config=config, config_params=CONFIGS[config], params_per_model=param_count(config),
                  pairs=pairs, checked_T=length, cap_mb=None if kind == "cuda" else args.cap_mb, max_T=[],
-                 impls={k: v for k, v in IMPL_NOTES.items() if k in impls})
+                 impls={k: v for k, v in IMPL_NOTES.items() if k in impls}, packed=args.packed)
 
     def checkpoint():
         # After the checked steps and after each search, so that a run cut off later keeps them.
         notes["loadavg"] = {"start": load_start, "end": os.getloadavg()[0]}
         save(rows, notes)
 
-    save = harness.saver("train_step", kind, Path(args.out), append=args.append)
+    save = harness.saver("train_step_packed" if args.packed else "train_step", kind, Path(args.out), append=args.append)
     checkpoint()
     if not args.no_max_t:
         for i, impl in enumerate(impls):
@@ -357,7 +378,7 @@ def main(argv=None) -> int:
             now = time.monotonic()
             deadline = now + (start + args.search_budget_s - now) / (len(impls) - i)
             notes["max_T"].append(longest_fitting(impl, config, pairs, dtype, kind, args.cap_mb, t_max, rows, notes,
-                                                  deadline=deadline))
+                                                  deadline=deadline, t_start=args.start_t, packed=args.packed))
             print("[train_step] " + json.dumps(notes["max_T"][-1]), flush=True)
             checkpoint()
     return 0

@@ -258,7 +258,8 @@ def train_step_tables(rows, notes) -> list[str]:
         all_cases[c["label"]].append(c)
     out = [f"Config `{notes.get('config')}` {notes.get('config_params')}: {notes.get('params_per_model', 0) / 1e6:.1f} M "
            f"parameters per model (RM trained + generator frozen), {notes.get('pairs')} pair(s) = "
-           f"{2 * (notes.get('pairs') or 0)} rows per step.", ""]
+           f"{2 * (notes.get('pairs') or 0)} rows per step"
+           + (", `ours` on padding-free packed rows (one row per step)." if notes.get("packed") else "."), ""]
     for impl, text in (notes.get("impls") or {}).items():
         out.append(f"- `{impl}`: {text}")
     if notes.get("impls"):
@@ -284,7 +285,8 @@ def train_step_tables(rows, notes) -> list[str]:
     cap = notes.get("cap_mb")
     if notes.get("max_T"):
         rule = f"peak RSS of the worker process <= {cap:.0f} MB" if cap else "no CUDA out-of-memory"
-        out += [f"**Longest sequence that fits** ({rule}; T doubled from 256, then bisected in steps of 256):", ""]
+        start = notes["max_T"][0].get("search_start_T", 256)
+        out += [f"**Longest sequence that fits** ({rule}; T doubled from {start}, then bisected in steps of 256):", ""]
         out += _table(["impl", "max T", "note"], [
             [m["impl"], m["max_T"], "search stopped by the time budget (a lower bound)" if m.get("stopped_by_budget")
              else f"search capped at T={m['search_cap_T']}" if m["hit_search_cap"] else ""]
@@ -346,7 +348,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
             lines += shape_tables(rows, notes, gemm=True)
         elif stem == "consistency":
             lines += consistency_tables(rows, notes)
-        elif stem == "train_step":
+        elif stem.startswith("train_step"):
             lines += train_step_tables(rows, notes)
         else:
             lines += shape_tables(rows, notes, gemm=False)
@@ -427,7 +429,7 @@ def summary(results_dir: Path = RESULTS_DIR) -> str:
         if not rows or stem == "linear_logprobs_naive_vs_chunked":
             continue
         lines += [f"**`{stem}`, {KIND_TITLE.get(kind, kind)} ({rows[0]['device']})**", ""]
-        if stem == "train_step":
+        if stem.startswith("train_step"):
             fits = {m["impl"]: m for m in notes.get("max_T", [])}
             by_impl = defaultdict(list)
             for r in rows:

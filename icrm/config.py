@@ -120,6 +120,10 @@ class RewardConfig:
                               f"(counted in metrics as skipped_steps). One of {NONFINITE_POLICIES}.", default="error")
     report_to: list[str] | None = _help(f"Also log metrics to these (of {REPORTERS}; 'none' or null: only metrics.jsonl).",
                                         default=None)
+    fsdp: bool = _help("Shard parameters, gradients and optimizer state over the ranks of a torchrun job with FSDP2 "
+                       "(torch.distributed.fsdp.fully_shard): one unit per decoder layer, the rest (embeddings, final "
+                       "norm, value head, LM-head copy) in the root unit; bf16/fp16 compute with fp32 gradient "
+                       "reduction on CUDA. Off: DDP under torchrun. One process: no effect.", default=False)
     # --- ICRM (ours) --------------------------------------------------------------------
     reg_ratio: float = _help("Weight of the consistency term: L = L_sft + reg_ratio L_align + (1 - reg_ratio) L_bt. 0: GRM.", default=0.1)
     sft_regularizer: bool = _help("Add the GRM SFT term L_sft (off with reg_ratio 0: plain Bradley-Terry).", default=True)
@@ -183,6 +187,8 @@ class RewardConfig:
         for name in ("model_name_or_path", "train_file", "output_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.fsdp and self.use_peft:
+            raise ValueError("fsdp and use_peft are both true; LoRA runs replicate the frozen backbone (use DDP: fsdp false)")
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are both true; choose at most one")
         if self.lora_target_modules is not None and (
@@ -226,6 +232,8 @@ class RewardConfig:
             if value not in TRL_FIXED[name]:
                 raise ValueError(f"{name}: icrm supports only {list(TRL_FIXED[name])} (what it always does), got {value!r}")
         values = {k: v for k, v in values.items() if k not in TRL_FIXED}
+        if "fsdp" in values:
+            values["fsdp"] = _trl_fsdp(values["fsdp"])
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"unknown config field(s) {unknown}; run `icrm train --help` for the list")
@@ -251,6 +259,22 @@ class RewardConfig:
             raise IcrmError(f"config file {path} must hold a mapping of field: value, got {type(values).__name__}")
         values.update(overrides or {})
         return cls.from_dict(values)
+
+
+def _trl_fsdp(value):
+    """TRL's ``fsdp`` (a string or list of modes) as icrm's bool: ``full_shard`` (with or without
+    ``auto_wrap``, which icrm always does per decoder layer) is FSDP2, ``""`` / ``[]`` is off;
+    anything else is left to the bool parser or refused here."""
+    text = " ".join(value) if isinstance(value, list) else value
+    if not isinstance(text, str) or text.strip().lower() in _TRUE | _FALSE | {"none", "null"}:
+        return value
+    modes = set(text.split())
+    if not modes:
+        return False
+    if "full_shard" in modes and modes <= {"full_shard", "auto_wrap"}:
+        return True
+    raise ValueError(f"fsdp: icrm runs FSDP2 with full sharding per decoder layer: true / false, or TRL's "
+                     f"'full_shard' ['auto_wrap']; got {value!r}")
 
 
 def _check_int(name: str, value, *, minimum: int) -> None:

@@ -472,11 +472,19 @@ def load_reward_model(directory: str, *, backend: str = "auto") -> tuple[RewardM
     if not meta.get("full", True):
         raise ValueError(f"{directory} holds LoRA adapters only; load it through RewardTrainer(resume_from_checkpoint=...)")
     tokenizer = load_tokenizer_folder(directory)
-    config = AutoConfig.from_pretrained(directory)
-    causal_lm = AutoModelForCausalLM.from_config(config)
-    rm = RewardModel(causal_lm, value_head_bias=meta["value_head_bias"], with_lm_head=meta["with_lm_head"], backend=backend)
-    rm.load_state_dict(load_file(os.path.join(directory, RM_WEIGHTS_NAME)))
+    rm = rebuild_reward_model(AutoConfig.from_pretrained(directory), load_file(os.path.join(directory, RM_WEIGHTS_NAME)),
+                              value_head_bias=meta["value_head_bias"], with_lm_head=meta["with_lm_head"], backend=backend)
     return rm, tokenizer
+
+
+def rebuild_reward_model(config, state: dict[str, torch.Tensor], *, value_head_bias: bool, with_lm_head: bool,
+                         sft_grad_scale: float = 1e-3, backend: str = "auto") -> RewardModel:
+    """A plain (unsharded, LoRA-free) ``RewardModel`` of this config holding the full ``state``."""
+    causal_lm = AutoModelForCausalLM.from_config(config)
+    rm = RewardModel(causal_lm, value_head_bias=value_head_bias, with_lm_head=with_lm_head,
+                     sft_grad_scale=sft_grad_scale, backend=backend)
+    rm.load_state_dict(state)
+    return rm
 
 
 def export_sequence_classification(rm: RewardModel, tokenizer, directory: str) -> str:

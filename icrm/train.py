@@ -4,8 +4,8 @@
 ``eval_dataset``, ``processing_class``; ``.train()``, ``.evaluate()``, ``.save_model()``).
 ``SFTTrainer`` fine-tunes the generator on the chosen responses (the authors' first stage).
 Both share :class:`_Trainer`: AdamW, warm-up + cosine/linear/constant schedule, gradient
-accumulation and clipping, tqdm, ``metrics.jsonl``, a loss/accuracy PNG, DDP under
-``torchrun``, and atomic checkpoints with exact resume.
+accumulation and clipping, tqdm, ``metrics.jsonl``, a loss/accuracy PNG, DDP or
+FSDP2 (``fsdp: true``) under ``torchrun``, and atomic checkpoints with exact resume.
 
 Checkpoint ``checkpoint-<step>/``: ``model.safetensors`` (full weights, or with LoRA the
 adapters + value head + head copy), ``config.json`` + tokenizer, ``optimizer.pt``,
@@ -15,6 +15,11 @@ written into ``tmp-checkpoint-*`` and renamed into place, so a killed run never 
 partial ``checkpoint-<step>``; resume verifies the checksums and falls back to the newest
 intact checkpoint (see :mod:`icrm.checkpoint`). A non-finite loss or gradient stops the run
 (or skips the update with ``on_nonfinite: skip``); a non-finite model is never saved.
+
+Checkpoints do not depend on the world size or on DDP vs FSDP2: the model is always one full
+safetensors file (gathered from the shards under FSDP2) and the optimizer state is keyed by
+parameter name (``torch.distributed.checkpoint.state_dict``), full tensors, so a run resumes
+on any number of processes.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+)
 from tqdm.auto import tqdm
 
 from icrm_kernels import linear_logprobs
@@ -48,7 +57,7 @@ from .data import IGNORE_INDEX, PreferenceDataset, collate_pairs, collate_sft, e
 from .model import (
     RM_CONFIG_NAME, Generator, RewardModel, apply_lora, check_packing_support, decoder_of,
     enable_activation_checkpointing, fit_to_tokenizer, last_hidden, load_causal_lm, load_tokenizer, load_with_aliases,
-    save_reward_model, save_tokenizer, shifted_targets, without_aliases,
+    rebuild_reward_model, save_reward_model, save_tokenizer, shifted_targets, without_aliases,
 )
 from .io_safety import IcrmError, atomic_path, check_model_source, first_line, fsync_tree, refuse_same_file
 from .objective import INITIAL_SMOOTH_WEIGHT, icrm_loss
@@ -123,6 +132,25 @@ def lr_lambda(kind: str, warmup_steps: int, total_steps: int, num_cycles: float 
     return factor
 
 
+def shard_with_fsdp(model: torch.nn.Module, decoder: torch.nn.Module, compute_dtype: torch.dtype | None) -> None:
+    """FSDP2 in place: one unit per decoder layer (its parameters are gathered just for that
+    layer's forward and backward), then the root unit with everything else: embeddings, final
+    norm, the value head and the LM-head copy. Every parameter is sharded over the ranks (dim 0).
+    ``compute_dtype`` (CUDA bf16/fp16): the gathered parameters are cast to it, gradients are
+    reduced in fp32 and the sharded master weights stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"fsdp: {type(decoder).__name__} has no `layers` ModuleList of decoder layers to shard")
+    kwargs = {}
+    if compute_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+
+
 def _as_dataset(source, tokenizer, args: RewardConfig, name: str):
     if source is None or isinstance(source, PreferenceDataset):
         return source
@@ -147,12 +175,16 @@ class _Trainer:
             check_packing_support(self.model.backbone)
         self._train_source, self._train_dataset = train_dataset, None  # tokenized on first use
         self.eval_dataset = _as_dataset(eval_dataset, tokenizer, args, "eval")
+        amp_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         self.module = self.model
-        if self.world_size > 1:
+        #: FSDP2 shards self.model in place (self.module is self.model); one process has nothing to shard.
+        self.sharded = args.fsdp and self.world_size > 1
+        if self.sharded:
+            shard_with_fsdp(self.model, self.model.backbone, amp_dtype if self.device.type == "cuda" else None)
+        elif self.world_size > 1:
             self.module = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        amp_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         self.autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype and self.device.type == "cuda" \
             else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler("cuda") if args.fp16 and self.device.type == "cuda" else None
@@ -179,6 +211,10 @@ class _Trainer:
         raise NotImplementedError
 
     def _load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _state_module(self) -> torch.nn.Module:
+        """The module whose state ``model.safetensors`` holds (keys as :meth:`_model_state` gives them)."""
         raise NotImplementedError
 
     def save_model(self, output_dir: str | None = None) -> str:
@@ -347,11 +383,13 @@ class _Trainer:
 
     def training_step(self, batch: dict, accum: int = 1, sync: bool = True) -> dict[str, float]:
         """Forward and backward of one micro-batch (on the device): autocast, the loss divided by
-        ``accum`` (and scaled under fp16), DDP gradient sync only when ``sync``. Returns its metrics.
+        ``accum`` (and scaled under fp16), DDP/FSDP gradient sync only when ``sync``. Returns its metrics.
 
         One optimizer step of the loop is ``accum`` of these, then :meth:`_optimizer_step`.
         """
-        ctx = contextlib.nullcontext() if sync or self.world_size == 1 else self.module.no_sync()
+        if self.sharded:
+            self.model.set_requires_gradient_sync(sync)
+        ctx = contextlib.nullcontext() if sync or self.world_size == 1 or self.sharded else self.module.no_sync()
         with ctx:
             with self.autocast():
                 loss, metrics = self._loss(batch, training=True)
@@ -366,7 +404,10 @@ class _Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if isinstance(grad_norm, DTensor):  # FSDP2: the norm over all shards
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
         # Under fp16 the scaler skips inf/NaN gradients by design; only the loss is checked there.
         finite = loss_finite and (self.scaler is not None or math.isfinite(grad_norm))
         if self.world_size > 1:  # losses are per rank: every rank must take the same decision
@@ -456,12 +497,14 @@ class _Trainer:
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save(rng, os.path.join(tmp, f"rng_state_{self.rank}.pt"))
+        model_state = self._gathered_model_state()
+        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=self._state_options(saving=True))
         if self.is_main:
-            save_file(without_aliases(self._model_state()), os.path.join(tmp, "model.safetensors"))
+            save_file(without_aliases(model_state), os.path.join(tmp, "model.safetensors"))
             save_tokenizer(self.tokenizer, tmp)
             self.model.config.save_pretrained(tmp)
             self._write_model_meta(tmp)
-            torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
             torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
             if self.scaler:
                 torch.save(self.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
@@ -481,6 +524,17 @@ class _Trainer:
         self._saved_step = self.global_step
         self._barrier()
         return final
+
+    def _state_options(self, saving: bool) -> StateDictOptions:
+        """Under FSDP2: full (gathered) tensors, kept on rank 0's CPU when saving; else the module's own."""
+        return StateDictOptions(full_state_dict=True, cpu_offload=saving) if self.sharded else StateDictOptions()
+
+    def _gathered_model_state(self) -> dict[str, torch.Tensor]:
+        """The full model state on rank 0 (``{}`` elsewhere). Every rank calls it: under FSDP2 it
+        gathers the shards, one tensor at a time, onto rank 0's CPU."""
+        if self.sharded:
+            return get_model_state_dict(self._state_module(), options=self._state_options(saving=True))
+        return self._model_state() if self.is_main else {}
 
     def _barrier(self) -> None:
         if self.world_size > 1:
@@ -549,8 +603,12 @@ class _Trainer:
 
     def _apply_checkpoint(self, path: str, loaded: dict) -> None:
         try:
-            self._load_model_state(loaded["model"])
-            self.optimizer.load_state_dict(loaded["optimizer"])
+            if self.sharded:  # every rank read the full file; each keeps its shards
+                set_model_state_dict(self._state_module(), loaded["model"], options=self._state_options(saving=False))
+            else:
+                self._load_model_state(loaded["model"])
+            set_optimizer_state_dict(self.model, self.optimizer, loaded["optimizer"],
+                                     options=self._state_options(saving=False))
             self.scheduler.load_state_dict(loaded["scheduler"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise IcrmError(f"checkpoint {path} does not fit this model/config: {first_line(exc)}") from None
@@ -697,13 +755,23 @@ class RewardTrainer(_Trainer):
     def _load_model_state(self, state):
         self.model.load_trainable_state_dict(state)
 
+    def _state_module(self):
+        return self.model
+
     def save_model(self, output_dir: str | None = None) -> str:
-        """Save the reward model (full, LoRA merged) for ``icrm eval / score / export``."""
+        """Save the reward model (full, LoRA merged) for ``icrm eval / score / export``; under FSDP2
+        the shards are gathered into an unsharded copy on rank 0 first."""
         output_dir = output_dir or os.path.join(self.args.output_dir, "final")
         check_finite_model(self.model)
+        state = self._gathered_model_state() if self.sharded else None
         if self.is_main:
+            model = self.model if state is None else rebuild_reward_model(
+                self.model.config, state, value_head_bias=self.model.value_head_bias,
+                with_lm_head=self.model.lm_head is not None, sft_grad_scale=self.model.sft_grad_scale,
+                backend=self.model.backend,
+            )
             with atomic_path(output_dir, directory=True) as tmp:
-                save_reward_model(self.model, self.tokenizer, tmp, extra={"config": self.args.to_dict()})
+                save_reward_model(model, self.tokenizer, tmp, extra={"config": self.args.to_dict()})
         self._barrier()
         return output_dir
 
@@ -801,13 +869,18 @@ class SFTTrainer(_Trainer):
     def _load_model_state(self, state):
         load_with_aliases(self.model.causal_lm, state)
 
+    def _state_module(self):
+        return self.model.causal_lm
+
     def save_model(self, output_dir: str | None = None) -> str:
-        """Save as a Hugging Face causal-LM folder (+ tokenizer): the generator / RM init."""
+        """Save as a Hugging Face causal-LM folder (+ tokenizer): the generator / RM init (under
+        FSDP2 from the state gathered onto rank 0)."""
         output_dir = output_dir or os.path.join(self.args.output_dir, "final")
         check_finite_model(self.model)
+        state = self._gathered_model_state() if self.sharded else None
         if self.is_main:
             with atomic_path(output_dir, directory=True) as tmp:
-                self.model.causal_lm.save_pretrained(tmp)
+                self.model.causal_lm.save_pretrained(tmp, state_dict=state)
                 save_tokenizer(self.tokenizer, tmp)
         self._barrier()
         return output_dir

@@ -16,6 +16,8 @@ __all__ = ["consistency_loss", "ConsistencyLoss", "KINDS", "REDUCTIONS"]
 
 
 def _check_inputs(rewards, weights, mask, baseline, sign, kind, eps, reduction, cu_seqlens):
+    # Under torch.compile the value checks of sign and cu_seqlens are skipped: they sync with the host.
+    compiling = torch.compiler.is_compiling()
     check_tensor("rewards", rewards, floating=True)
     check_tensor("weights", weights, floating=True)
     check_tensor("mask", mask)
@@ -38,12 +40,12 @@ def _check_inputs(rewards, weights, mask, baseline, sign, kind, eps, reduction, 
         total = rewards.shape[0]
         check_shape("weights", weights, [total], "[N]: entry i weighs the pair (i, i+1)")
         check_shape("mask", mask, [total], "[N], the same shape as weights")
-        cu_seqlens = check_cu_seqlens(cu_seqlens, total)
+        cu_seqlens = cu_seqlens.to(torch.int64) if compiling else check_cu_seqlens(cu_seqlens, total)
         num_rows = cu_seqlens.shape[0] - 1
     what = "one per row" if cu_seqlens is None else "one per segment, S = len(cu_seqlens) - 1"
     check_shape("baseline", baseline, [num_rows], what)
     check_shape("sign", sign, [num_rows], what)
-    if sign.numel() and not bool(((sign == 1) | (sign == -1)).all()):
+    if sign.numel() and not compiling and not bool(((sign == 1) | (sign == -1)).all()):
         raise ValueError(f"sign must hold only +1 (chosen) and -1 (rejected), got values {torch.unique(sign).tolist()[:6]}")
     check_same_dtype("rewards", rewards, weights=weights, baseline=baseline)
     check_same_device("rewards", rewards, weights=weights, mask=mask, baseline=baseline, sign=sign, cu_seqlens=cu_seqlens)
@@ -79,6 +81,10 @@ def consistency_loss(
     cu_seqlens = _check_inputs(rewards, weights, mask, baseline, sign, kind, eps, reduction, cu_seqlens)
     eps = float(eps)
     if _dispatch.select_backend(backend, rewards) == "triton":
+        if torch.compiler.is_compiling():
+            from .._custom_ops import consistency_loss_op
+
+            return consistency_loss_op(rewards, weights, mask, baseline, sign, kind, eps, reduction, cu_seqlens)
         from .kernels import consistency_loss_triton
 
         return consistency_loss_triton(rewards, weights, mask, baseline, sign, kind, eps, reduction, cu_seqlens)

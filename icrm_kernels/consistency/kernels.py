@@ -222,20 +222,37 @@ def _backward_launch(problem: _Problem, kind: str, eps: float, grad: torch.Tenso
 # ----------------------------------------------------------------------------------------------
 
 
+def loss_forward(rewards, weights, mask, baseline, sign, cu_seqlens, kind: str, eps: float, reduction: str):
+    """``(loss, mask_total)``: fp32 loss (a scalar for ``mean``/``sum``, the per-pair ``w*m*l``
+    for ``none``) and the fp64 ``sum(mask)`` the ``mean`` backward needs (None for ``none``)."""
+    problem = _Problem(rewards, weights, mask, baseline, sign, cu_seqlens)
+    per_pair, loss_partial, mask_partial = _forward_launch(problem, kind, eps, store_per_pair=reduction == "none")
+    if reduction == "none":
+        return per_pair, None
+    out = loss_partial.sum()
+    mask_total = mask_partial.sum()
+    if reduction == "mean":
+        out = out / (mask_total + MEAN_EPS)
+    return out.to(torch.float32), mask_total
+
+
+def loss_backward(grad_out, rewards, weights, mask, baseline, sign, cu_seqlens, mask_total, kind: str, eps: float,
+                  reduction: str) -> torch.Tensor:
+    """``d_rewards`` (rewards' shape and dtype) from the loss's gradient ``grad_out``."""
+    problem = _Problem(rewards, weights, mask, baseline, sign, cu_seqlens)
+    if reduction == "none":
+        grad, grad_stride = grad_out.contiguous().to(torch.float32), 1
+    else:
+        grad, grad_stride = grad_out.reshape(1).to(torch.float32), 0
+        if reduction == "mean":
+            grad = grad / (mask_total + MEAN_EPS)
+    return _backward_launch(problem, kind, eps, grad, grad_stride)
+
+
 class _ConsistencyLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rewards, weights, mask, baseline, sign, cu_seqlens, kind, eps, reduction):
-        problem = _Problem(rewards, weights, mask, baseline, sign, cu_seqlens)
-        per_pair, loss_partial, mask_partial = _forward_launch(problem, kind, eps, store_per_pair=reduction == "none")
-        if reduction == "none":
-            out = per_pair
-            mask_total = None
-        else:
-            out = loss_partial.sum()
-            mask_total = mask_partial.sum()
-            if reduction == "mean":
-                out = out / (mask_total + MEAN_EPS)
-            out = out.to(torch.float32)
+        out, mask_total = loss_forward(rewards, weights, mask, baseline, sign, cu_seqlens, kind, eps, reduction)
         ctx.save_for_backward(rewards, weights, mask, baseline, sign, cu_seqlens, mask_total)
         ctx.kind, ctx.eps, ctx.reduction = kind, eps, reduction
         return out
@@ -244,15 +261,7 @@ class _ConsistencyLossFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         if not ctx.needs_input_grad[0]:
             return (None,) * 9
-        rewards, weights, mask, baseline, sign, cu_seqlens, mask_total = ctx.saved_tensors
-        problem = _Problem(rewards, weights, mask, baseline, sign, cu_seqlens)
-        if ctx.reduction == "none":
-            grad, grad_stride = grad_out.contiguous().to(torch.float32), 1
-        else:
-            grad, grad_stride = grad_out.reshape(1).to(torch.float32), 0
-            if ctx.reduction == "mean":
-                grad = grad / (mask_total + MEAN_EPS)
-        d_rewards = _backward_launch(problem, ctx.kind, ctx.eps, grad, grad_stride)
+        d_rewards = loss_backward(grad_out, *ctx.saved_tensors, ctx.kind, ctx.eps, ctx.reduction)
         return (d_rewards,) + (None,) * 8
 
 

@@ -5,6 +5,8 @@ by the chunked reference path.
 
 * ``reference.py``: plain PyTorch (naive oracle + row-chunked CPU path).
 * ``kernels.py``: the Triton kernels and their ``autograd.Function``.
+* ``parallel.py``: the vocabulary-parallel form (``process_group=``): the head's rows sharded
+  over ranks, one all-reduce merges the shards' logsumexps.
 """
 
 from __future__ import annotations
@@ -22,10 +24,16 @@ from .._validate import (
 )
 from .reference import linear_logprobs_auto_reference, rewards_reference
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed: no DTensor weights to accept
+    DTensor = ()
+
 __all__ = ["linear_logprobs", "linear_logprobs_and_rewards"]
 
 
-def _check_inputs(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index):
+def _check_inputs(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index,
+                  check_target_range=True):
     check_tensor("hidden", hidden, floating=True)
     check_tensor("weight", weight, floating=True)
     check_tensor("targets", targets, floating=False)
@@ -57,7 +65,8 @@ def _check_inputs(hidden, weight, targets, bias, value_weight, value_bias, tempe
     check_positive("softcap", softcap, allow_none=True)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    check_targets(targets, vocab, ignore_index)
+    if check_target_range:
+        check_targets(targets, vocab, ignore_index)
 
 
 def resolve_filter_eps(grad_filter_eps, dtype: torch.dtype) -> float | None:
@@ -75,16 +84,36 @@ def resolve_filter_eps(grad_filter_eps, dtype: torch.dtype) -> float | None:
 
 
 def _run(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index, backend,
-         grad_filter_eps):
+         grad_filter_eps, process_group):
     if isinstance(value_bias, (int, float)) and not isinstance(value_bias, bool) and isinstance(hidden, torch.Tensor):
         value_bias = torch.tensor(float(value_bias), dtype=hidden.dtype, device=hidden.device)
-    _check_inputs(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index)
+    # A vocabulary shard's V is not the full V: the parallel path checks the targets' range itself;
+    # under torch.compile the custom op does (the check syncs with the host).
+    compiling = torch.compiler.is_compiling()
+    if isinstance(weight, DTensor):
+        from .parallel import local_shard
+
+        weight, bias, process_group = local_shard(weight, bias, process_group)
+    _check_inputs(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index,
+                  check_target_range=process_group is None and not compiling)
     grad_filter_eps = resolve_filter_eps(grad_filter_eps, hidden.dtype)
     lead = targets.shape
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     targets1d = targets.reshape(-1).to(torch.int64)
     temperature, softcap = float(temperature), None if softcap is None else float(softcap)
-    if _dispatch.select_backend(backend, hidden, weight) == "triton":
+    resolved = _dispatch.select_backend(backend, hidden, weight)
+    if process_group is not None:
+        from .parallel import vocab_parallel_linear_logprobs
+
+        logp, rewards = vocab_parallel_linear_logprobs(hidden2d, weight, targets1d, bias, value_weight, value_bias,
+                                                       temperature, softcap, ignore_index, process_group, resolved,
+                                                       grad_filter_eps)
+    elif compiling:
+        from .._custom_ops import linear_logprobs_op
+
+        logp, rewards = linear_logprobs_op(hidden2d, weight, targets1d, bias, value_weight, value_bias, temperature,
+                                           softcap, ignore_index, resolved, grad_filter_eps)
+    elif resolved == "triton":
         from .kernels import linear_logprobs_triton
 
         logp, rewards = linear_logprobs_triton(
@@ -108,6 +137,7 @@ def linear_logprobs(
     ignore_index: int = -100,
     backend: str = "auto",
     grad_filter_eps: float | str | None = "auto",
+    process_group=None,
 ) -> torch.Tensor:
     """Log-probability of each target token under ``softcap(hidden @ weight.T + bias) / temperature``.
 
@@ -125,13 +155,22 @@ def linear_logprobs(
             of the tile are skipped. ``"auto"``: ``finfo(dtype).eps / 32`` for fp16 / bf16
             (cut-cross-entropy's default), off for fp32; ``None``: off (exact); or a float >= 0.
             The reference backend never filters.
+        process_group: vocabulary parallelism (``icrm_kernels.linear_logprobs.parallel``). When
+            given, ``weight`` ``[V_r, D]`` and ``bias`` ``[V_r]`` are this rank's contiguous shard
+            of the head's rows (shards in rank order), ``hidden`` and the GLOBAL ``targets`` are
+            the same on every rank, and every rank gets the full-vocabulary log-probs. The
+            gradient flowing in must be the same on every rank; ``hidden``'s gradient comes back
+            summed over the shards, ``weight``'s and ``bias``'s are this shard's. A ``DTensor``
+            ``weight`` (and ``bias``) placed ``Shard(0)`` on a 1-D device mesh is taken as this
+            layout over the mesh's group, without ``process_group``.
 
     Returns:
         ``[N]`` (or ``[...]``) float32 log-probs (float64 for float64 inputs). Gradients
         flow to ``hidden``, ``weight`` and ``bias`` in their own dtypes. NaN/inf in the
         inputs propagate to the outputs of the rows they touch; they never raise.
     """
-    logp, _ = _run(hidden, weight, targets, bias, None, None, temperature, softcap, ignore_index, backend, grad_filter_eps)
+    logp, _ = _run(hidden, weight, targets, bias, None, None, temperature, softcap, ignore_index, backend, grad_filter_eps,
+                   process_group)
     return logp
 
 
@@ -148,11 +187,14 @@ def linear_logprobs_and_rewards(
     ignore_index: int = -100,
     backend: str = "auto",
     grad_filter_eps: float | str | None = "auto",
+    process_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`linear_logprobs` plus the per-token reward ``hidden @ value_weight + value_bias``.
 
     ``value_weight`` is ``[D]`` or ``[1, D]`` (an ``nn.Linear(D, 1).weight``), ``value_bias``
     a number or a tensor of shape ``[]`` or ``[1]``; the other arguments as there. Rewards are computed for every row, ignored targets included.
+    With ``process_group`` the LM head is vocabulary-sharded as in :func:`linear_logprobs`; the value
+    head is replicated (every rank computes the rewards and gets the same value-head gradients).
 
     Returns:
         ``(logprobs [N], rewards [N])``, both float32 (float64 for float64 inputs).
@@ -160,4 +202,4 @@ def linear_logprobs_and_rewards(
     if value_weight is None:
         raise TypeError("value_weight must be a torch.Tensor of shape [D] or [1, D], got None")
     return _run(hidden, weight, targets, bias, value_weight, value_bias, temperature, softcap, ignore_index, backend,
-                grad_filter_eps)
+                grad_filter_eps, process_group)
