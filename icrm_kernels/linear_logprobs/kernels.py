@@ -70,8 +70,9 @@ gradients (hidden and weight): 234 MB at N=16384, D=4096, V=128256 bf16 (budget 
 (every element is stored by the first chunk that covers it). Determinism: every output
 element is written by one program with a fixed reduction order and the chunks run in order,
 so the backward is bitwise deterministic (no ``deterministic=`` switch is needed). FLOPs:
-forward G, backward fG (the recompute of the tiles the row maxima cannot rule out) + 2fG
-(the filtered GEMMs), f = fraction of live tiles, G = 2NVD (cut-cross-entropy: G + 2fG).
+forward G, backward f'G (the recompute of the tiles the row maxima cannot rule out: f' >= f,
+f' = 1 without saved maxima) + 2fG (the filtered GEMMs), f = fraction of live tiles, G = 2NVD
+(cut-cross-entropy: G + 2fG).
 
 Gradient filter (``grad_filter_eps``, cut-cross-entropy's ``filter_eps``): a tile is live when
 some valid row has ``|1[j = target] - p_j| >= eps`` (the softmax gradient before the upstream
@@ -214,7 +215,7 @@ def _forward_kernel(
     target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
     reward = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for t in range(first_tile, last_tile):
-        cols = t * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # t * BLOCK_N < V < 2^31
+        cols = tl.cast(t, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (t: an int under the interpreter)
         col_mask = cols < V
         z, _, reward = _logit_tile(
             hidden_ptr, weight_ptr, bias_ptr, value_weight_ptr, rows, cols, row_mask, col_mask, D,
