@@ -385,7 +385,7 @@ def test_filter_skips_tiles_and_off_switch(monkeypatch):
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("saved", [True, False])
-def test_saved_row_maxima_skip_dead_tiles(saved):
+def test_saved_row_maxima_skip_dead_tiles(monkeypatch, saved):
     """With the forward's row maxima the backward does not recompute a tile whose softmax
     entries all sit below the filter: NaN weight rows there (swapped in after the forward)
     leave every gradient finite; without them (or with a recompute) the NaN reaches d_hidden."""
@@ -396,38 +396,20 @@ def test_saved_row_maxima_skip_dead_tiles(saved):
     targets = targets % 160
     kw = dict(temperature=1.0, softcap=None, ignore_index=-100)
     p = plan.launch_plan(n, d, v, "fp32", "interpreter", tile_max=True)
-    with _overrides(_TILE_MAX=True):
-        tile_max = kernels.tile_max_buffer(h, w) if saved else None
-        assert p.tile_max_bytes > 0 and (tile_max is None or tile_max.shape == (n, p.forward[0].k_total))
-        _, _, lse = kernels.forward_launch(h, w, b, targets, None, None, tile_max=tile_max, **kw)
-        w_bad = w.clone()
-        w_bad[160:] = float("nan")
-        g = torch.randn(n, generator=torch.Generator().manual_seed(1))
-        dh, dw, db, _, _ = kernels.backward_launch(g, None, h, w_bad, b, targets, None, lse, needs=(True, True, True, False, False),
-                                                   grad_filter_eps=1e-3, tile_max=tile_max, **kw)
+    monkeypatch.setattr(kernels, "_TILE_MAX", True)
+    tile_max = kernels.tile_max_buffer(h, w) if saved else None
+    assert p.tile_max_bytes > 0 and (tile_max is None or tile_max.shape == (n, p.forward[0].k_total))
+    _, _, lse = kernels.forward_launch(h, w, b, targets, None, None, tile_max=tile_max, **kw)
+    w_bad = w.clone()
+    w_bad[160:] = float("nan")
+    g = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    dh, dw, db, _, _ = kernels.backward_launch(g, None, h, w_bad, b, targets, None, lse, needs=(True, True, True, False, False),
+                                               grad_filter_eps=1e-3, tile_max=tile_max, **kw)
     if saved:
         assert torch.isfinite(dh).all() and torch.isfinite(db).all()
         assert torch.equal(db[160:], torch.zeros(160)) and torch.equal(dw[160:], torch.zeros(160, d))
     else:
         assert torch.isnan(dh).all()
-
-
-def _overrides(**values):
-    """Set the kernels' private plan overrides for a block (restored after)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def cm():
-        old = {k: getattr(kernels, k) for k in values}
-        for k, val in values.items():
-            setattr(kernels, k, val)
-        try:
-            yield
-        finally:
-            for k, val in old.items():
-                setattr(kernels, k, val)
-
-    return cm()
 
 
 @pytest.mark.interpret
