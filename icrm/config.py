@@ -181,10 +181,6 @@ class RewardConfig:
                 setattr(self, name, value)
         self.validate()
 
-    def arm_key(self) -> str:
-        """The ``ARMS`` key of :meth:`arm_name` (``icrm`` for an ICRM variant without a preset)."""
-        return {label: key for key, (label, _) in ARMS.items()}.get(self.arm_name(), "icrm")
-
     def arm_name(self) -> str:
         """The paper's name of the objective these fields give (``arm`` or inferred from the fields)."""
         if self.reg_ratio == 0:

@@ -929,9 +929,9 @@ def train_arms(cfg: RewardConfig, arms: list[str], *, train_dataset=None, echo=p
         first = "auto" if resume in ("latest", "auto") else resume
         changes = dict(model_name_or_path=init, generator_name_or_path=generator,
                        resume_from_checkpoint=first if i == 0 else resume and "auto")
-        # arm None: the objective fields exactly as configured, filed under the arm they amount to.
+        # arm None: the objective fields exactly as configured, in the single-run folder icrm/.
         stage = arm_config(cfg, arm, **changes) if arm else cfg.replace(**changes)
-        arm = arm or cfg.arm_key()
+        arm = arm or "icrm"
         stage = stage.replace(output_dir=os.path.join(cfg.output_dir, arm))
         start = time.perf_counter()
         trainer = RewardTrainer(args=stage, train_dataset=train_dataset)
@@ -961,9 +961,10 @@ TABLE_ROWS = (
 )
 
 
-def metric_table(summary: dict, arms: list[str]) -> str:
-    """One text table: a row per metric (held-out and longer inputs), a column per arm."""
-    names = [ARMS[a][0] for a in arms]
+def metric_table(summary: dict, arms: list[str], names: list[str] | None = None) -> str:
+    """One text table: a row per metric (held-out and longer inputs), a column per arm (``names``:
+    the column titles, default the arms' printed names)."""
+    names = names or [ARMS[a][0] for a in arms]
     width = max(12, *(len(n) + 2 for n in names))
     lines = [f"{'':<34s}" + "".join(f"{n:>{width}s}" for n in names)]
     for suffix, title in (("", "held-out (eval_file, bon_file)"), ("_long", "longer inputs (eval_long_file, bon_long_file)")):
@@ -996,7 +997,7 @@ def run_main_job(cfg: RewardConfig, *, echo=print) -> dict:
     resume = cfg.resume_from_checkpoint
     prepare_output_dir(cfg.output_dir, resuming=bool(resume),
                        overwrite=cfg.overwrite_output_dir, apply=is_main)
-    arms = list(cfg.arms) if cfg.compare_bt else [cfg.arm or cfg.arm_key()]
+    arms = list(cfg.arms) if cfg.compare_bt else [cfg.arm or "icrm"]
     stages = ("sft", *arms)
     if resume == "latest" and not any(list_checkpoints(os.path.join(cfg.output_dir, s)) for s in stages):
         raise IcrmError(f"resume_from_checkpoint latest: no checkpoint in {cfg.output_dir}/{{{','.join(stages)}}} "
@@ -1006,7 +1007,8 @@ def run_main_job(cfg: RewardConfig, *, echo=print) -> dict:
             check_model_source(getattr(cfg, name), name)
     summary: dict = {"config": cfg.to_dict(), **train_arms(cfg, list(cfg.arms) if cfg.compare_bt else [cfg.arm], echo=echo)}
     summary["wall_s"] = time.perf_counter() - start
-    echo(f"\n{metric_table(summary, arms)}\n  reward models start from the {cfg.reward_model_init}; "
+    names = None if cfg.compare_bt else [cfg.arm_name()]
+    echo(f"\n{metric_table(summary, arms, names)}\n  reward models start from the {cfg.reward_model_init}; "
          f"wall time {summary['wall_s']:.0f} s; outputs in {cfg.output_dir}")
     if is_main:
         with atomic_path(os.path.join(cfg.output_dir, "summary.json")) as tmp, open(tmp, "w") as fh:

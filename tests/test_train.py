@@ -350,7 +350,7 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    stage = out / "bt"  # a single run is filed under the arm its fields amount to
+    stage = out / "icrm"
     lines = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3]  # rank 0 writes, once per step
     state = json.loads((stage / "checkpoint-3" / "trainer_state.json").read_text())
