@@ -939,13 +939,13 @@ def train_arms(cfg: RewardConfig, arms: list[str], *, train_dataset=None, echo=p
         if save:
             result["model_dir"] = trainer.save_model()
         result["train_s"] = time.perf_counter() - start
-        if trainer.is_main:
-            result.update(evaluate_suite(trainer.model, trainer.tokenizer, eval_file=cfg.eval_file,
-                                         eval_long_file=cfg.eval_long_file, bon_file=cfg.bon_file,
-                                         bon_long_file=cfg.bon_long_file, max_length=cfg.max_length,
-                                         batch_size=cfg.per_device_eval_batch_size))
-            if "eval_accuracy" in result:
-                result.setdefault("pair_accuracy", result["eval_accuracy"])
+        # Every rank scores (the same rows): a sharded (FSDP) model needs all ranks in each forward.
+        result.update(evaluate_suite(trainer.model, trainer.tokenizer, eval_file=cfg.eval_file,
+                                     eval_long_file=cfg.eval_long_file, bon_file=cfg.bon_file,
+                                     bon_long_file=cfg.bon_long_file, max_length=cfg.max_length,
+                                     batch_size=cfg.per_device_eval_batch_size))
+        if "eval_accuracy" in result:
+            result.setdefault("pair_accuracy", result["eval_accuracy"])
         summary[arm] = result
         if on_arm is not None:
             on_arm(arm, result)
