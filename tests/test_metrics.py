@@ -74,6 +74,13 @@ def test_word_rewards_and_best_of_n_by_hand():
         metrics.word_rewards(CountingRM(), tok, [("sort : 3 1", "1 3")], max_length=3)
 
 
+def test_every_arm_folder_is_a_stage_folder():
+    """`icrm train` refuses / overwrites a previous run by its stage folders: every arm's must be one."""
+    from icrm.checkpoint import STAGE_DIRS
+
+    assert {"sft", *ARMS} <= set(STAGE_DIRS)
+
+
 def test_arms_set_the_objective_fields():
     fields = {a: RewardConfig(arm=a) for a in ARMS}
     assert (fields["bt"].reg_ratio, fields["bt"].sft_regularizer) == (0.0, False)
