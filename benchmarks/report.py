@@ -22,11 +22,14 @@ KIND_TITLE = {"cpu": "CPU", "cuda": "GPU"}
 
 
 PREDICTED_PREFIX = "predicted_"
+#: The quality study (``benchmarks/bench_quality.py``) renders its own CSVs and README section.
+QUALITY_PREFIX = "quality"
+QUALITY_BEGIN, QUALITY_END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
 
 def measured_csvs(results_dir: Path) -> list[Path]:
     """The benchmark CSVs; ``predicted_*.csv`` (``benchmarks/predict.py``) are rendered apart."""
-    return sorted(p for p in results_dir.glob("*.csv") if not p.name.startswith(PREDICTED_PREFIX))
+    return sorted(p for p in results_dir.glob("*.csv") if not p.name.startswith((PREDICTED_PREFIX, QUALITY_PREFIX)))
 
 
 def _num(text):
@@ -497,7 +500,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     results_dir = Path(argv[0]) if argv else RESULTS_DIR
     out = results_dir / "README.md"
-    out.write_text(render(results_dir))
+    text = render(results_dir)
+    old = out.read_text() if out.exists() else ""
+    if QUALITY_BEGIN in old and QUALITY_END in old:  # keep bench_quality.py's section
+        text = text.rstrip("\n") + "\n\n" + QUALITY_BEGIN + old.split(QUALITY_BEGIN, 1)[1].split(QUALITY_END, 1)[0] \
+            + QUALITY_END + "\n"
+    out.write_text(text)
     print(f"wrote {out}")
     readme = results_dir.resolve().parents[1] / "README.md"
     if results_dir.resolve() == RESULTS_DIR and readme.exists() and update_readme(readme, summary(results_dir)):

@@ -32,8 +32,9 @@ TRAINER_STATE = "trainer_state.json"
 MANIFEST = "checksums.json"
 #: Files a training run writes at the top of its ``output_dir`` (besides checkpoints and ``final/``).
 RUN_FILES = ("metrics.jsonl", "training.png", "summary.json")
-#: ``icrm train`` stage folders inside the top-level ``output_dir``.
-STAGE_DIRS = ("sft", "icrm", "bt")
+#: ``icrm train`` stage folders inside the top-level ``output_dir``: the SFT stage and one per
+#: arm (``icrm.config.ARMS``; ``icrm/`` is also a single run's folder).
+STAGE_DIRS = ("sft", "icrm", "bt", "grm", "icrm_uniform", "icrm_squared")
 
 
 #: Prefixes of checkpoints moved aside on resume: damaged, or newer than an explicit resume point.

@@ -2,9 +2,10 @@
 
 Subcommands::
 
-    icrm train  [--config cfg.yaml] [--field value ...]   SFT the generator, train ICRM (+ the BT baseline), compare
+    icrm train  [--config cfg.yaml] [--field value ...]   SFT the generator, train BT / GRM / ICRM, one metric table
     icrm sft    [--config cfg.yaml] [--field value ...]   fine-tune the generator on the chosen responses only
-    icrm eval   --model DIR [--eval_file F]                pairwise accuracy, margin, per-token reward statistics
+    icrm eval   --model DIR [--eval_file F] [--bon_file F] pairwise accuracy, margin, per-token reward statistics;
+                                                           process metrics where F has prefix values
     icrm score  --model DIR --input F [--output F]         per-response and per-token rewards as JSONL
     icrm export --model DIR --output DIR                   HF <Arch>ForSequenceClassification folder
 
@@ -53,11 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", default=os.environ.get("ICRM_DEBUG", "") not in ("", "0"),
                         help="show the traceback of an error (also: ICRM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sft,eval,score,export}")
-    _config_parser(sub, "train", "train a reward model (default: the tiny built-in job, ICRM vs Bradley-Terry)",
+    _config_parser(sub, "train", "train a reward model (default: the tiny built-in job, BT vs GRM vs ICRM)",
                    "Train an ICRM reward model. With no arguments: SFT the tiny built-in generator on the shipped "
-                   "sorting data, train ICRM and a Bradley-Terry baseline from it, and print their held-out "
-                   "pairwise accuracies; outputs under runs/icrm. Set --run_sft false / --compare_bt false for a "
-                   "single reward-model run.")
+                   "process task, train the BT, GRM and ICRM arms from the same start, and print one table of "
+                   "pairwise accuracy and the process metrics; outputs under runs/icrm. Set --run_sft false / "
+                   "--compare_bt false for a single reward-model run (--arm picks its objective).")
     _config_parser(sub, "sft", "fine-tune the generator on the chosen responses (stage 1)",
                    "Supervised fine-tuning of a causal LM on prompt + chosen response (labels on the response), "
                    "saved as a Hugging Face folder in <output_dir>/final, to serve as ICRM's generator.")
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ev.add_argument("--model", required=True, help="a reward-model folder (a run's final/ or checkpoint-N/ with full weights)")
     ev.add_argument("--eval_file", default=RewardConfig.__dataclass_fields__["eval_file"].default, help="preference data")
+    ev.add_argument("--bon_file", default=None, help="best-of-N sets {prompt, responses, correct} (e.g. "
+                    "icrm/data/process_bon.jsonl): adds bon_accuracy")
     ev.add_argument("--max_length", type=int, default=RewardConfig.__dataclass_fields__["max_length"].default)
     ev.add_argument("--batch_size", type=int, default=64, help="pairs per batch")
     ev.add_argument("--kernels", default="auto", choices=("auto", "triton", "reference"))
@@ -127,7 +130,8 @@ def main(argv=None) -> int:
             from .train import evaluate_file
 
             print(json.dumps(evaluate_file(ns.model, ns.eval_file, max_length=ns.max_length,
-                                           batch_size=ns.batch_size, backend=ns.kernels), indent=1))
+                                           batch_size=ns.batch_size, backend=ns.kernels,
+                                           bon_file=ns.bon_file), indent=1))
         elif ns.command == "score":
             from .train import score_file
 

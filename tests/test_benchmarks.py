@@ -132,3 +132,26 @@ def test_readme_performance_section(results, tmp_path):
     text = readme.read_text()
     assert "old" not in text and section in text and text.startswith("intro\n") and text.endswith("outro\n")
     assert (REPO / "README.md").read_text().count(report.README_BEGIN) == 1
+
+
+def test_bench_quality_runs_resumes_and_reports(tmp_path):
+    """The quality study on a toy budget: rows per cell, a rerun skips finished cells, the report renders."""
+    out, readme = tmp_path / "quality.csv", tmp_path / "README.md"
+    readme.write_text("# Results\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    args = [sys.executable, str(BENCH / "bench_quality.py"), "--seeds", "2", "--sizes", "16", "--arms", "bt,icrm_uniform",
+            "--rm-steps", "1", "--sft-steps", "1", "--workers", "1", "--out", str(out), "--readme", str(readme)]
+    for expected in ("2 (seed, size) groups to run", "0 (seed, size) groups to run, 4 cells already done"):
+        proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        assert expected in proc.stdout
+    with open(out) as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["arm", "seed", "train_pairs", "metric", "value", "commit"]
+    metrics = {r["metric"] for r in rows}
+    assert {"pair_accuracy", "value_spearman", "value_auroc", "first_error_acc", "bon_accuracy",
+            "bon_accuracy_long", "train_s"} <= metrics
+    assert len({(r["arm"], r["seed"]) for r in rows}) == 4
+    text = readme.read_text()
+    assert "<!-- quality:begin -->" in text and "4 of 4 (arm, seed, size) cells finished" in text
+    assert (tmp_path / "quality.png").exists() and (tmp_path / "quality_summary.csv").exists()
