@@ -27,20 +27,26 @@ The model
 * **Concurrency**: programs are issued in launch (pid) order, in waves of ``SMs x CTAs per SM``
   (CTAs per SM estimated from the config's registers and shared memory, ``ctas_per_sm``) that
   advance in lockstep, round-robin over their steps (a step: one K iteration of the kernel's own
-  ``Launch.steps``; a fused step touches all of D). Ours reads the plan of
-  ``icrm_kernels/linear_logprobs/plan.py`` (grid, grouped order, vocab splits, row chunk,
-  workspace); CCE and Liger are described here in the same terms (``ModelLaunch``).
+  ``Launch.steps``; a fused step touches all of D). Ours replays the plan of
+  ``icrm_kernels/linear_logprobs/plan.py``: grid, grouped order, vocab splits, backward chunks,
+  workspace, and what every step reads and writes (``Launch.accesses``); CCE and Liger are
+  described here in the same terms (``ModelLaunch``).
 * **Sampling**: a launch whose accesses exceed ``SIM_BUDGET`` is simulated for its first waves
   (at least two) and the rest is extrapolated with the mean DRAM bytes per wave of the second
   half of those simulated (the grouped orders repeat the same pattern group after group); a
-  backward made of many identical row chunks is simulated for its first two chunks and its last
+  backward made of many identical chunks is simulated for its first two chunks and its last
   (possibly shorter) one, the middle chunks counted as the second.
 * **Time per launch**: ``max(FLOPs / (GEMM rate x efficiency x wave utilisation), DRAM bytes /
-  DRAM bandwidth, atomic bytes / L2 bandwidth) + LAUNCH_US``. Wave utilisation = programs /
-  (whole waves x SMs x CTAs per SM): a last, partial wave leaves SMs idle. Kernels with no
+  DRAM bandwidth, atomic bytes / L2 bandwidth) + LAUNCH_US``. Wave utilisation = busy
+  fraction of the ``SMs x CTAs per SM`` slots: programs go in pid order to the first free slot
+  (the block scheduler), each as long as its steps (``_utilisation``); for programs of equal
+  length that is programs / (whole waves x slots), a last, partial wave leaving SMs idle. Our
+  dlogits programs whose tile is dead (skipped) count ``DEAD_TILE_COST`` of a tile, in
+  their length and their FLOPs. Kernels with no
   tensor-core work (Liger's cross-entropy kernel, our split merge, memsets, gathers) are
   bandwidth-bound by construction.
-* **FLOPs**: forward ``2NDV``; backward ``2NDV`` (logits recomputed) ``+ 2f NDV`` (d_hidden)
+* **FLOPs**: forward ``2NDV``; backward ``2NDV`` (logits recomputed; ours: the live tiles
+  only, see below) ``+ 2f NDV`` (d_hidden)
   ``+ 2f NDV`` (d_weight), where ``f`` (``--live-frac``) is the fraction of (row block, vocab
   tile) tiles whose gradient survives the filter. Ours and CCE filter the same tiles (which ones:
   a fixed pseudo-random pattern, ``live_tile``); Liger does not filter (``6NDV``). The default
@@ -57,10 +63,14 @@ dominates the predicted time), ``live_frac``.
 What each implementation does, as modelled
 ------------------------------------------
 * ``triton`` (ours): ``_forward_kernel`` (row block x vocab split, online logsumexp over the
-  split's vocab tiles), ``_merge_kernel``; per row chunk ``_dlogits_kernel`` (writes ``dx`` and
-  the live flags), ``_dhidden_kernel`` (``dx @ W`` over live vocab tiles), ``_dweight_kernel``
-  (``dx^T @ hidden_chunk`` over live row blocks; the first chunk stores ``d_weight``, later
-  chunks read-modify-write it, a vocab tile with no live row block is left alone). No atomics.
+  split's few vocab tiles; with gradients it also saves each tile's per-row maximum),
+  ``_merge_kernel``; per backward chunk (of the vocabulary when N < V, else of rows; see
+  plan.py) ``_dlogits_kernel`` (decides each tile's live flag from the saved maxima and
+  recomputes only live tiles into ``dx``) and ``_dgrad_kernel`` (the ``dx^T @ hidden``
+  programs, then the ``dx @ W`` ones, over live tiles; the gradient of the chunked axis is
+  stored once, the other one stored by the first chunk and loaded-added-stored by the
+  others). No atomics. FLOPs: forward ``2NDV``, backward ``2NDV (f + (1 - f) DEAD_TILE_COST)
+  + 4f NDV``.
 * ``cce`` (apple/ml-cross-entropy, default options): ``_cce_lse_forward_kernel`` over (row
   block, vocab tile) tiles, GROUP_B=8 grouped order, 128x128x32 tiles (4 warps fwd, 8 bwd), lse
   merged under a per-row-block lock; with gradients it also atomically adds the per-vocab mean
@@ -106,6 +116,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import heapq
 import io
 import json
 import sys
@@ -159,6 +170,10 @@ SIM_BUDGET = 400_000
 #: Widest column strip of a hidden / weight cell (see module doc).
 D_STRIP = 1024
 DEFAULT_LIVE_FRAC = 0.2
+#: Time of a dlogits program whose tile is dead (skipped from the saved row maxima), as a
+#: fraction of a computed 128 x 128 tile (~40 us at D=4096 on H100): its CTA start, three
+#: vector loads and a flag store, a few microseconds.
+DEAD_TILE_COST = 1 / 16
 #: The third-party point: (N, D, V, dtype, arch) and fwd+bwd ms per implementation.
 CALIBRATION_POINT = ((16384, 2048, 248320, "bf16", "sm_90"), {"cce": 92.6, "liger": 321.0})
 #: Efficiencies fitted by ``--calibrate`` on CALIBRATION_POINT at live fraction DEFAULT_LIVE_FRAC.
@@ -257,6 +272,7 @@ class SimLaunch:
     eff: str | None = None       # efficiency class of its tensor-core work (None: bandwidth-bound)
     fixed_dram: float = 0.0      # analytic traffic of launches not worth simulating (memsets, gathers)
     slots: int = 0               # SMs x CTAs per SM, for the wave utilisation (0: no tail effect)
+    work: Callable[[int], int] | None = None  # steps of program pid, when programs differ in length
 
 
 @dataclass
@@ -314,10 +330,23 @@ def ctas_per_sm(cfg: plan_module.KernelConfig, esize: int, hw: Hardware) -> int:
     return max(1, min(hw.regs_per_sm // (regs * threads), hw.smem_per_sm // max(1, smem), 2048 // threads))
 
 
-def _utilisation(programs: int, slots: int) -> float:
+def _utilisation(programs: int, slots: int, work: Callable[[int], int] | None = None) -> float:
+    """Busy fraction of the launch's ``slots``: programs are dispatched in pid order to the
+    first free slot (the hardware block scheduler); ``work(pid)`` is a program's length in
+    steps (all equal when ``None``: then whole waves, the last one partial)."""
     if not slots or not programs:
         return 1.0
-    return programs / (plan_module.cdiv(programs, slots) * slots)
+    if work is None:
+        return programs / (plan_module.cdiv(programs, slots) * slots)
+    lengths = [work(pid) for pid in range(programs)]
+    if len(set(lengths)) == 1:
+        return programs / (plan_module.cdiv(programs, slots) * slots)
+    if not sum(lengths):
+        return 1.0
+    free = [0] * min(slots, programs)
+    for length in lengths:
+        heapq.heapreplace(free, free[0] + length)
+    return sum(lengths) / (slots * max(free))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,75 +420,64 @@ def _whole_rows(t: Tensor, r0: int, rows: int, mode: int = READ) -> tuple:
 
 
 def ours(s: Shape, with_backward: bool) -> list[KernelCost]:
-    """Our kernels, from ``plan.launch_plan`` (read at call time, so a test can replace it)."""
+    """Our kernels, from ``plan.launch_plan`` (read at call time, so a test can replace it): every
+    launch's grid, program order and per-step accesses (``Launch.accesses``) are the plan's."""
     p = plan_module.launch_plan(s.N, s.D, s.V, s.dtype, s.arch)
     hw, ops, esize = s.hw, Operands(s), s.esize
-    fwd_launch, merge = p.forward
-    fcfg = fwd_launch.config
-    partials = Tensor(4, 2 * p.vocab_splits, s.N, 4, 1, plan_module.MERGE_BLOCK)
+    cd = plan_module.configs(s.dtype, s.arch).dlogits
+    ws_rows, ws_vocab = (p.row_chunk, s.V) if p.backward_axis == "rows" else (s.N, p.vocab_chunk)
+    tensors = {"hidden": ops.hidden, "weight": ops.weight, "d_hidden": ops.d_hidden, "d_weight": ops.d_weight,
+               "partials": Tensor(4, p.vocab_splits + 1, s.N, 4, 1, plan_module.MERGE_BLOCK),
+               "dx": Tensor(5, ws_rows, ws_vocab, esize, cd.block_m, cd.block_n),
+               "tile_max": Tensor(7, s.N, plan_module.cdiv(s.V, cd.block_n), 2, cd.block_m, 8)}
+    modes = {"read": READ, "write": WRITE, "rmw": RMW}
 
-    def forward_accesses(pid):
-        m, n = fwd_launch.program(pid)
-        steps = [_whole_rows(ops.hidden, rb * fcfg.block_m, fcfg.block_m)
-                 + _whole_rows(ops.weight, vt * fcfg.block_n, fcfg.block_n) for rb, vt in fwd_launch.steps(pid)]
-        store = partials.cells(2 * n, 2 * n + 2, m * fcfg.block_m, (m + 1) * fcfg.block_m, WRITE)
-        return steps[:-1] + [steps[-1] + store] if steps else [store]
+    def launch(lc: plan_module.Launch, flops: float, work=None) -> SimLaunch:
+        eff = "triton" if flops else None
+        slots = hw.sms * min(ctas_per_sm(part.config, esize, hw) for part in lc.parts or (lc,))
 
-    def merge_accesses(pid):
-        return [partials.cells(2 * sp, 2 * sp + 2, rb * plan_module.MERGE_BLOCK, (rb + 1) * plan_module.MERGE_BLOCK, READ)
-                for rb, sp in merge.steps(pid)]
+        def accesses(pid):
+            steps, any_live = [], False
+            for step in lc.accesses(pid):
+                acc = ()
+                for a in step:
+                    live = a.live
+                    if live == "any":
+                        live = any_live
+                    elif live is not None:
+                        live = live_tile(*live, s.live_frac)
+                        any_live = any_live or live
+                    if live is None or live:
+                        acc += tensors[a.tensor].cells(a.r0, a.r1, a.c0, a.c1, modes[a.mode])
+                steps.append(acc)
+            return steps
 
-    def launch(lc, accesses, flops, eff):
-        slots = hw.sms * ctas_per_sm(lc.config, esize, hw)
-        return SimLaunch(lc.kernel, lc.grid[0], slots, accesses, flops=flops, eff=eff, slots=slots if eff else 0)
+        return SimLaunch(lc.kernel, lc.grid[0], slots, accesses, flops=flops, eff=eff, slots=slots if eff else 0,
+                         work=work or (lambda pid: len(lc.steps(pid))))
 
-    f_flops = 2.0 * s.N * s.D * s.V
     l2 = L2(hw.l2_bytes)
-    costs = _simulate([launch(fwd_launch, forward_accesses, f_flops, "triton"),
-                       launch(merge, merge_accesses, 0.0, None)], l2)
+    fwd_launch, merge = p.forward
+    costs = _simulate([launch(fwd_launch, 2.0 * s.N * s.D * s.V), launch(merge, 0.0)], l2)
     if not with_backward:
         return _finish(costs, l2)
 
-    dl, dh, dw = p.backward
-    cd, ch, cw = dl.config, dh.config, dw.config
-    dx = Tensor(5, p.row_chunk, s.V, esize, cd.block_m, cd.block_n)
+    def chunk_launches(start: int, size: int) -> list[SimLaunch]:
+        k1, dgrad = p.backward_launches(start, size)
+        flops = 2.0 * k1.rows * s.D * k1.vocab
+        if not k1.tile_max:
+            return [launch(k1, flops), launch(dgrad, 2 * s.live_frac * flops)]
+        # dlogits recomputes the live tiles only; a dead program still starts, loads its row
+        # maxima, lse and targets and stores its flag: charged DEAD_TILE_COST of a tile.
+        rb0, vt0 = k1.row0 // cd.block_m, k1.vocab0 // cd.block_n
 
-    def chunk_launches(row0: int, rows: int, first: bool) -> list[SimLaunch]:
-        k1, k2, k3 = p.backward_chunk(rows)
-        rb0 = row0 // cd.block_m  # global row block of the chunk's first rows (live pattern)
+        def k1_work(pid):
+            rb, vt = k1.program(pid)
+            return 1.0 if live_tile(rb0 + rb, vt0 + vt, s.live_frac) else DEAD_TILE_COST
 
-        def k1_accesses(pid):
-            return [_whole_rows(ops.hidden, row0 + rb * cd.block_m, cd.block_m)
-                    + _whole_rows(ops.weight, vt * cd.block_n, cd.block_n)
-                    + dx.cells(rb * cd.block_m, (rb + 1) * cd.block_m, vt * cd.block_n, (vt + 1) * cd.block_n, WRITE)
-                    for rb, vt in k1.steps(pid)]
+        k1_flops = flops * (s.live_frac + (1 - s.live_frac) * DEAD_TILE_COST)
+        return [launch(k1, k1_flops, k1_work), launch(dgrad, 2 * s.live_frac * flops)]
 
-        def k2_accesses(pid):
-            m, dt = k2.program(pid)
-            cols = (dt * ch.block_n, (dt + 1) * ch.block_n)
-            steps = [dx.cells(rb * cd.block_m, (rb + 1) * cd.block_m, vt * cd.block_n, (vt + 1) * cd.block_n, READ)
-                     + ops.weight.cells(vt * cd.block_n, (vt + 1) * cd.block_n, *cols, READ)
-                     if live_tile(rb0 + rb, vt, s.live_frac) else () for rb, vt in k2.steps(pid)]
-            steps[-1] = steps[-1] + ops.d_hidden.cells(row0 + m * ch.block_m, row0 + min(rows, (m + 1) * ch.block_m), *cols, WRITE)
-            return steps
-
-        def k3_accesses(pid):
-            vt_m, dt = k3.program(pid)
-            cols = (dt * cw.block_n, (dt + 1) * cw.block_n)
-            steps = [dx.cells(rb * cd.block_m, (rb + 1) * cd.block_m, vt * cd.block_n, (vt + 1) * cd.block_n, READ)
-                     + ops.hidden.cells(row0 + rb * cd.block_m, row0 + min(rows, (rb + 1) * cd.block_m), *cols, READ)
-                     if live_tile(rb0 + rb, vt, s.live_frac) else () for vt, rb in k3.steps(pid)]
-            if any(steps):  # a vocab tile with no live row block leaves d_weight alone
-                steps[-1] = steps[-1] + ops.d_weight.cells(vt_m * cw.block_m, (vt_m + 1) * cw.block_m, *cols,
-                                                           WRITE if first else RMW)
-            return steps
-
-        flops = 2.0 * rows * s.D * s.V
-        return [launch(k1, k1_accesses, flops, "triton"),
-                launch(k2, k2_accesses, s.live_frac * flops, "triton"),
-                launch(k3, k3_accesses, s.live_frac * flops, "triton")]
-
-    costs += _chunked(p.row_chunk, s.N, chunk_launches, l2)
+    costs += _chunked(p.chunks, chunk_launches, l2)
     return _finish(costs, l2)
 
 
@@ -530,7 +548,7 @@ def liger(s: Shape, with_backward: bool) -> list[KernelCost]:
     ce_slots = max(1, 2 * hw.sms // bt)
     vt_n = plan_module.cdiv(s.V, bt)
 
-    def chunk_launches(row0: int, rows: int, first: bool) -> list[SimLaunch]:
+    def chunk_launches(row0: int, rows: int) -> list[SimLaunch]:
         rb_n = plan_module.cdiv(rows, bt)
         dt_n = plan_module.cdiv(s.D, bt)
         mm = ModelLaunch(rb_n, vt_n, 8)
@@ -580,7 +598,7 @@ def liger(s: Shape, with_backward: bool) -> list[KernelCost]:
     if with_backward:
         costs = _simulate([SimLaunch("zeros grad_input, grad_weight", 0, 1, lambda pid: [],
                                      fixed_dram=(s.N + s.V) * s.D * esize)], l2)
-    costs += _chunked(chunk, s.N, chunk_launches, l2)
+    costs += _chunked([(a, min(chunk, s.N - a)) for a in range(0, s.N, chunk)], chunk_launches, l2)
     return _finish(costs, l2)
 
 
@@ -589,21 +607,20 @@ def _simulate(launches: list[SimLaunch], l2: L2, count: float = 1.0) -> list[Ker
     for launch in launches:
         dram = run_launch(launch, l2) if launch.programs else launch.fixed_dram
         out.append(KernelCost(launch.name, launch.flops, dram, launch.atomic_bytes, launch.eff,
-                              _utilisation(launch.programs, launch.slots), count))
+                              _utilisation(launch.programs, launch.slots, launch.work), count))
     return out
 
 
-def _chunked(chunk: int, N: int, chunk_launches, l2: L2) -> list[KernelCost]:
-    """Row chunks: the first two and the last simulated, the middle ones counted as the second."""
-    full, last = divmod(N, chunk)
-    sizes = [chunk] * full + ([last] if last else [])
-    if not sizes:
+def _chunked(chunks: list[tuple[int, int]], chunk_launches, l2: L2) -> list[KernelCost]:
+    """Chunks ``(start, size)``: the first two and the last simulated, the middle ones counted as
+    the second."""
+    if not chunks:
         return []
-    simulated = sorted({0, min(1, len(sizes) - 1), len(sizes) - 1})
+    simulated = sorted({0, min(1, len(chunks) - 1), len(chunks) - 1})
     costs = []
     for i in simulated:
-        count = len(sizes) - (len(simulated) - 1) if i == 1 and len(sizes) > 3 else 1
-        costs += _simulate(chunk_launches(i * chunk, sizes[i], i == 0), l2, count)
+        count = len(chunks) - (len(simulated) - 1) if i == 1 and len(chunks) > 3 else 1
+        costs += _simulate(chunk_launches(*chunks[i]), l2, count)
     return costs
 
 
@@ -638,7 +655,7 @@ def extra_bytes(impl: str, s: Shape, with_backward: bool) -> int:
     N, D, V, esize = s.N, s.D, s.V, s.esize
     if impl == "triton":
         p = plan_module.launch_plan(N, D, V, s.dtype, s.arch)
-        return p.workspace_bytes if with_backward else 4 * N + 2 * 4 * p.vocab_splits * N
+        return p.workspace_bytes if with_backward else p.forward_bytes
     if impl == "cce":
         locks = 4 * plan_module.cdiv(N, 128)
         if not with_backward:

@@ -136,10 +136,11 @@ def check_launch(name, gemm, signature, kernel, capability, arch):
 def linear_logprobs_scenario():
     """Every kernel variant the launchers make: each dtype with bias, value head and softcap on a
     model-like shape (dims divisible by 16, as real models have), and bf16 / fp32 bare on an
-    odd shape (no divisibility attributes)."""
+    odd shape (no divisibility attributes); N < V chunks the backward along the vocabulary,
+    the last case (N > V) along the rows."""
     cases = [(torch.bfloat16, True, (300, 1024, 4096)), (torch.float16, True, (300, 1024, 4096)),
              (torch.float32, True, (300, 1024, 4096)), (torch.bfloat16, False, (37, 100, 1001)),
-             (torch.float32, False, (37, 100, 1001))]
+             (torch.float32, False, (37, 100, 1001)), (torch.bfloat16, False, (1001, 100, 300))]
     for dtype, full, (n, d, v) in cases:
         hidden = torch.randn(n, d, dtype=dtype, requires_grad=True)
         weight = torch.randn(v, d, dtype=dtype, requires_grad=True)
@@ -168,15 +169,14 @@ def consistency_scenario():
                     out.nan_to_num().sum().backward()
 
 
-LINEAR_KERNELS = ("_forward_kernel", "_merge_kernel", "_dlogits_kernel", "_dhidden_kernel", "_dweight_kernel",
-                  "_value_weight_grad_kernel")
+LINEAR_KERNELS = ("_forward_kernel", "_merge_kernel", "_dlogits_kernel", "_dgrad_kernel", "_value_weight_grad_kernel")
 #: op -> (kernels module, kernel names, scenario, the kernels whose launches are GEMMs: fp32 ones
 #: must not use tf32, 16-bit ones must use the tensor cores, and whether resource findings
 #: fail). The consistency kernels' fp32 launches spill 8-16 bytes on some architectures (with 4
 #: or 8 warps): printed, not failed, until their owner retunes them.
 OPS = {
     "linear_logprobs": (linear_kernels, LINEAR_KERNELS, linear_logprobs_scenario,
-                        {"_forward_kernel", "_dlogits_kernel", "_dhidden_kernel", "_dweight_kernel"}, True),
+                        {"_forward_kernel", "_dlogits_kernel", "_dgrad_kernel"}, True),
     "consistency": (consistency_kernels, ("_forward_kernel", "_backward_kernel"), consistency_scenario, set(), False),
 }
 

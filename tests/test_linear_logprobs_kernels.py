@@ -64,14 +64,18 @@ def run(inputs, targets, dtype, backend, requires_grad=INPUT_NAMES, upstream_see
 
 
 def chunk_rounding_slack(name, gold, dtype, n, d, v):
-    """The documented extra error of 16-bit ``d_weight`` / ``d_bias`` (kernels.py header): they
-    are accumulated over the backward's row chunks in their own dtype, each chunk after the first
-    adding one rounding, at most an ulp of a partial sum (bounded here by 2 max|gold|)."""
-    if name not in ("d_weight", "d_bias") or dtype == torch.float32 or n == 0:
+    """The documented extra error of the 16-bit gradient that the backward accumulates over its
+    chunks in its own dtype (kernels.py header): ``d_hidden`` on the vocabulary axis,
+    ``d_weight`` / ``d_bias`` on the row axis. Each chunk after the first adds one rounding, at
+    most an ulp of a partial sum (bounded here by 2 max|gold|)."""
+    if dtype == torch.float32 or n == 0:
         return 0.0
     arch = kernels._arch_key(torch.device(DEVICE))
-    chunks = plan.launch_plan(n, d, v, kernels._DTYPE_NAMES[dtype], arch, row_chunk=kernels._ROW_CHUNK).num_chunks
-    return (chunks - 1) * torch.finfo(dtype).eps * gold.abs().max().item()
+    p = plan.launch_plan(n, d, v, kernels._DTYPE_NAMES[dtype], arch, row_chunk=kernels._ROW_CHUNK,
+                         vocab_chunk=kernels._VOCAB_CHUNK, tile_max=kernels._TILE_MAX)
+    if name not in (("d_hidden",) if p.backward_axis == "vocab" else ("d_weight", "d_bias")):
+        return 0.0
+    return (p.num_chunks - 1) * torch.finfo(dtype).eps * gold.abs().max().item()
 
 
 def check_three_way(inputs, targets, dtype, requires_grad=INPUT_NAMES, **kwargs):
@@ -314,11 +318,17 @@ def test_backend_triton_refuses_what_it_cannot_run(monkeypatch):
 # --------------------------------------------------------------------------- v2 paths
 
 BACKWARD_PATHS = {
-    # name: (row chunk override, grad_filter_eps)
-    "one_chunk_unfiltered": (10_000, None),
-    "chunks_unfiltered": (16, None),
-    "chunks_filtered": (16, "auto"),
-    "chunks_filtered_strong": (32, 1e-3),
+    # name: ({plan override: value}, grad_filter_eps); the others' overrides stay None
+    "one_chunk_unfiltered": ({"_ROW_CHUNK": 10_000}, None),
+    "rows_unfiltered": ({"_ROW_CHUNK": 16}, None),
+    "rows_filtered": ({"_ROW_CHUNK": 16}, "auto"),
+    "rows_filtered_strong_tile_max": ({"_ROW_CHUNK": 32, "_TILE_MAX": True}, 1e-3),
+    "rows_filtered_no_tile_max": ({"_ROW_CHUNK": 16, "_TILE_MAX": False}, "auto"),
+    "vocab_one_chunk": ({"_VOCAB_CHUNK": 10_000}, None),
+    "vocab_unfiltered": ({"_VOCAB_CHUNK": 64}, None),
+    "vocab_filtered_tile_max": ({"_VOCAB_CHUNK": 64, "_TILE_MAX": True}, "auto"),
+    "vocab_filtered_strong_tile_max": ({"_VOCAB_CHUNK": 96, "_TILE_MAX": True}, 1e-3),
+    "vocab_filtered_no_tile_max": ({"_VOCAB_CHUNK": 64, "_TILE_MAX": False}, 1e-3),
 }
 
 
@@ -326,11 +336,13 @@ BACKWARD_PATHS = {
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
 @pytest.mark.parametrize("path", sorted(BACKWARD_PATHS))
 def test_backward_paths_three_way(monkeypatch, dtype, path):
-    """Workspace in one chunk or several (the last one partial), gradient filter off / auto /
-    strong (1e-3, far above auto): three-way on every output and gradient. (That the filter
-    does skip tiles is test_filter_skips_tiles_and_off_switch's job.)"""
-    row_chunk, eps = BACKWARD_PATHS[path]
-    monkeypatch.setattr(kernels, "_ROW_CHUNK", row_chunk)
+    """Workspace in one chunk or several (the last one partial) along rows or the vocabulary,
+    gradient filter off / auto / strong (1e-3, far above auto), the saved row maxima gating
+    dlogits or not: three-way on every output and gradient. (That the filter does skip tiles
+    is test_filter_skips_tiles_and_off_switch's job.)"""
+    overrides, eps = BACKWARD_PATHS[path]
+    for name, value in overrides.items():
+        monkeypatch.setattr(kernels, name, value)
     inputs, targets = make_inputs(70, 40, 230, dtype, ignore=(3, 50), seed=11)
     inputs["hidden"] = inputs["hidden"] * 2.0  # a sharper softmax: many entries below 1e-3
     check_three_way(inputs, targets, dtype, softcap=8.0, temperature=0.9, grad_filter_eps=eps)
@@ -372,6 +384,35 @@ def test_filter_skips_tiles_and_off_switch(monkeypatch):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("saved", [True, False])
+def test_saved_row_maxima_skip_dead_tiles(monkeypatch, saved):
+    """With the forward's row maxima the backward does not recompute a tile whose softmax
+    entries all sit below the filter: NaN weight rows there (swapped in after the forward)
+    leave every gradient finite; without them (or with a recompute) the NaN reaches d_hidden."""
+    n, d, v = 48, 32, 320  # 10 vocab tiles of 32; the mass on tile 0, tiles 5..9 dead
+    inputs, targets = make_inputs(n, d, v, torch.float32, value=False, seed=2)
+    h, w = inputs["hidden"].float(), inputs["weight"].float()
+    b = torch.where(torch.arange(v) < 32, 0.0, -25.0)
+    targets = targets % 160
+    kw = dict(temperature=1.0, softcap=None, ignore_index=-100)
+    p = plan.launch_plan(n, d, v, "fp32", "interpreter", tile_max=True)
+    monkeypatch.setattr(kernels, "_TILE_MAX", True)
+    tile_max = kernels.tile_max_buffer(h, w) if saved else None
+    assert p.tile_max_bytes > 0 and (tile_max is None or tile_max.shape == (n, p.forward[0].k_total))
+    _, _, lse = kernels.forward_launch(h, w, b, targets, None, None, tile_max=tile_max, **kw)
+    w_bad = w.clone()
+    w_bad[160:] = float("nan")
+    g = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    dh, dw, db, _, _ = kernels.backward_launch(g, None, h, w_bad, b, targets, None, lse, needs=(True, True, True, False, False),
+                                               grad_filter_eps=1e-3, tile_max=tile_max, **kw)
+    if saved:
+        assert torch.isfinite(dh).all() and torch.isfinite(db).all()
+        assert torch.equal(db[160:], torch.zeros(160)) and torch.equal(dw[160:], torch.zeros(160, d))
+    else:
+        assert torch.isnan(dh).all()
+
+
+@pytest.mark.interpret
 def test_grouped_swizzle_matches_plan():
     """The kernels' ``_grouped`` (Triton) and ``plan.grouped_program`` (Python) agree on every pid."""
     for grid_m, grid_n, group_m in [(7, 3, 2), (13, 5, 4), (1, 9, 8), (10, 1, 3), (6, 6, 6)]:
@@ -408,8 +449,9 @@ def test_batch_invariance(dtype):
 
 
 @pytest.mark.interpret
-def test_backward_is_deterministic(monkeypatch):
-    monkeypatch.setattr(kernels, "_ROW_CHUNK", 16)
+@pytest.mark.parametrize("override", [("_ROW_CHUNK", 16), ("_VOCAB_CHUNK", 64)])
+def test_backward_is_deterministic(monkeypatch, override):
+    monkeypatch.setattr(kernels, *override)
     inputs, targets = make_inputs(45, 24, 150, torch.float16, ignore=(1,), seed=8)
     first = run(inputs, targets, torch.float16, "triton", softcap=3.0)
     second = run(inputs, targets, torch.float16, "triton", softcap=3.0)

@@ -21,32 +21,41 @@ def test_workspace_within_ten_percent_at_target_shapes(n, d, v, dtype, arch):
     inputs_and_grads = 2 * (n * d + v * d) * 2
     assert p.workspace_bytes <= 0.10 * inputs_and_grads, (p.workspace_bytes, inputs_and_grads)
     assert p.within_budget and p.budget_bytes <= 0.10 * inputs_and_grads
-    # The budget is used, not wasted: one more row block would not fit.
-    bm = plan.configs(dtype, arch).dlogits.block_m
-    assert (p.row_chunk + bm) * v * 2 > p.budget_bytes - 4 * n
-    assert p.row_chunk % bm == 0 and p.num_chunks == -(-n // p.row_chunk)
+    # The budget is used, not wasted: one more tile of dx along the chunked axis would not fit.
+    cfg = plan.configs(dtype, arch).dlogits
+    unit, other = (cfg.block_m, v) if p.backward_axis == "rows" else (cfg.block_n, n)
+    assert p.backward_axis == "vocab" and p.chunk_size % unit == 0
+    assert p.workspace_bytes + unit * other * 2 > p.budget_bytes
+    assert p.num_chunks == -(-v // p.chunk_size) == len(p.chunks)
 
 
 @pytest.mark.parametrize("arch", ["sm_90", "sm_86", "interpreter"])
 @pytest.mark.parametrize("n,d,v", [(1, 64, 32000), (300, 128, 32000), (4096, 512, 32000), (2, 16, 1000), (9, 8, 50)])
 def test_workspace_within_bound_down_to_one_row(n, d, v, arch):
-    """Small D: fewer rows than a row block per chunk, still within 10%, unless one row of dx
-    plus lse is already over it (``within_budget`` then says so)."""
+    """Small D: fewer vocab entries (N < V) or rows than a tile per chunk, still within 10%,
+    unless one of them (a column or row of dx) plus lse is already over it (``within_budget``
+    then says so)."""
     p = plan.launch_plan(n, d, v, "bf16", arch)
-    one_row = 4 * n + 4 * d + v * 2 + -(-v // plan.configs("bf16", arch).dlogits.block_n)
+    cfg = plan.configs("bf16", arch).dlogits
+    other = n if p.backward_axis == "vocab" else v
+    one = 4 * n + 4 * d + other * 2 + -(-other // (cfg.block_m if p.backward_axis == "vocab" else cfg.block_n))
     assert p.within_budget == (p.workspace_bytes <= p.budget_bytes)
-    if one_row <= p.budget_bytes:
-        assert p.within_budget, (p.row_chunk, p.workspace_bytes, p.budget_bytes)
+    if one <= p.budget_bytes:
+        assert p.within_budget, (p.chunk_size, p.workspace_bytes, p.budget_bytes)
     else:
-        assert p.row_chunk == 1
-    assert p.row_chunk >= 1 and p.num_chunks * p.row_chunk >= n
+        assert p.chunk_size == 1
+    total = v if p.backward_axis == "vocab" else n
+    assert p.chunk_size >= 1 and p.num_chunks * p.chunk_size >= total
 
 
 def test_workspace_bytes_formula():
     p = plan.launch_plan(1000, 512, 32000, "bf16", "sm_90")
     cfg = plan.configs("bf16", "sm_90")
-    flags = -(-p.row_chunk // cfg.dlogits.block_m) * -(-32000 // cfg.dlogits.block_n)
-    assert p.workspace_bytes == 4 * 1000 + max(8 * p.vocab_splits * 1000, p.row_chunk * 32000 * 2 + flags + 4 * 512)
+    assert p.backward_axis == "vocab" and p.row_chunk == 1000
+    flags = -(-1000 // cfg.dlogits.block_m) * -(-p.vocab_chunk // cfg.dlogits.block_n)
+    assert p.tile_max_bytes in (0, 2 * 1000 * -(-32000 // cfg.forward.block_n))
+    assert p.workspace_bytes == 4 * 1000 + p.tile_max_bytes + max(
+        4 * (p.vocab_splits + 1) * 1000, 1000 * p.vocab_chunk * 2 + flags + 4 * 512)
 
 
 @pytest.mark.parametrize("arch", plan.KEYS)
@@ -80,7 +89,8 @@ def test_steps_cover_every_tile_once(arch, dtype):
     assert fwd.grid_n == p.vocab_splits
     last_rows = n - (p.num_chunks - 1) * p.row_chunk
     for rows in (p.row_chunk, last_rows):
-        dlogits, dhidden, dweight = p.backward_chunk(rows)
+        dlogits, dgrad = p.backward_chunk(rows)
+        dweight, dhidden = dgrad.parts
         assert dlogits.grid_m == -(-rows // dlogits.config.block_m)
         tiles = sorted(s for pid in range(dlogits.grid[0]) for s in dlogits.steps(pid))
         assert tiles == [(m, t) for m in range(dlogits.grid_m) for t in range(dlogits.grid_n)]

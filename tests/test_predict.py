@@ -72,7 +72,11 @@ def test_sampled_waves_extrapolate_a_steady_pattern_exactly():
 def test_flops_follow_the_2ndv_formulas(live_frac):
     s = predict.Shape(SMALL.N, SMALL.D, SMALL.V, "bf16", "sm_90", live_frac)
     g = 2 * s.N * s.D * s.V
-    expect = {("triton", "fwd"): g, ("triton", "fwd+bwd"): g * (2 + 2 * live_frac),
+    # ours saves the row maxima here, so dlogits recomputes the live tiles only (a dead one
+    # charged DEAD_TILE_COST of a tile)
+    assert predict.plan_module.launch_plan(s.N, s.D, s.V, "bf16", "sm_90").tile_max_bytes > 0
+    dlogits = live_frac + (1 - live_frac) * predict.DEAD_TILE_COST
+    expect = {("triton", "fwd"): g, ("triton", "fwd+bwd"): g * (1 + dlogits + 2 * live_frac),
               ("cce", "fwd"): g, ("cce", "fwd+bwd"): g * (2 + 2 * live_frac),
               ("liger", "fwd"): g, ("liger", "fwd+bwd"): 3 * g}
     for (impl, pass_), flops in expect.items():
@@ -102,30 +106,53 @@ def test_markdown_and_table_say_predicted(capsys):
 
 
 def test_our_prediction_reads_the_kernels_launch_plan(monkeypatch):
-    # A weight (64 MB) larger than the L2 (50 MB): each row chunk reads it again.
-    s = predict.Shape(2048, 1024, 32000, "bf16", "sm_90", 0.2)
+    # Vocabulary chunks: every chunk re-reads and rewrites d_hidden (load, add, store; 64 MB,
+    # more than the L2), so forcing smaller chunks costs DRAM traffic; the extra memory is the
+    # plan's workspace.
+    SHAPE = (16384, 2048, 32768)
+    s = predict.Shape(*SHAPE, "bf16", "sm_90", 0.2)
     before = predict.predict("triton", "fwd+bwd", s).row()
     calls = []
     original = predict.plan_module.launch_plan
 
-    def larger_chunks(N, D, V, dtype, arch):
+    def smaller_chunks(N, D, V, dtype, arch):
         calls.append((N, D, V, dtype, arch))
-        return original(N, D, V, dtype, arch, row_chunk=1024)
+        return original(N, D, V, dtype, arch, vocab_chunk=256)
 
-    assert original(2048, 1024, 32000, "bf16", "sm_90").row_chunk == 128
-    monkeypatch.setattr(predict.plan_module, "launch_plan", larger_chunks)
+    default = original(*SHAPE, "bf16", "sm_90")
+    assert default.backward_axis == "vocab" and default.vocab_chunk >= 512
+    monkeypatch.setattr(predict.plan_module, "launch_plan", smaller_chunks)
     after = predict.predict("triton", "fwd+bwd", s).row()
-    assert calls and calls[0] == (2048, 1024, 32000, "bf16", "sm_90")
-    # 2 row chunks instead of 16: the weight is read again per chunk, so less DRAM traffic.
-    assert float(after["dram_gb"]) < float(before["dram_gb"])
-    # The extra memory is the plan's workspace.
-    assert float(after["extra_mb"]) == pytest.approx(original(2048, 1024, 32000, "bf16", "sm_90", row_chunk=1024)
+    assert calls and calls[0] == (*SHAPE, "bf16", "sm_90")
+    assert float(after["dram_gb"]) > float(before["dram_gb"])
+    assert float(after["extra_mb"]) == pytest.approx(original(*SHAPE, "bf16", "sm_90", vocab_chunk=256)
                                                      .workspace_bytes / MB, abs=0.06)
+
+
+def test_row_chunks_when_n_is_at_least_v_rewrite_d_weight_per_chunk():
+    # N >= V: chunks of rows; d_weight (64 MB, more than the L2) is stored by the first chunk
+    # and loaded, added and stored by each later one: at least its reads reach DRAM.
+    s = predict.Shape(16384, 2048, 16384, "bf16", "sm_90", 1.0)
+    plan = predict.plan_module.launch_plan(s.N, s.D, s.V, "bf16", "sm_90")
+    assert plan.backward_axis == "rows" and plan.num_chunks > 1
+    dram = float(predict.predict("triton", "fwd+bwd", s).row()["dram_gb"])
+    assert dram * 1e9 > (plan.num_chunks - 1) * s.V * s.D * 2
+
+
+def test_utilisation_dispatches_programs_to_the_first_free_slot():
+    # equal programs: whole waves, the last one partial
+    assert predict._utilisation(5, 4) == pytest.approx(5 / 8)
+    assert predict._utilisation(5, 4, lambda pid: 3) == pytest.approx(5 / 8)
+    # lengths 4, 1, 1, 1, 1 on 2 slots: slot A runs the 4, slot B the four 1s: makespan 4, busy 8 of 8
+    assert predict._utilisation(5, 2, lambda pid: 4 if pid == 0 else 1) == pytest.approx(1.0)
+    # lengths 1, 1, 4 on 2 slots: the 4 starts at 1, makespan 5, busy 6 of 10
+    assert predict._utilisation(3, 2, lambda pid: 4 if pid == 2 else 1) == pytest.approx(0.6)
 
 
 def test_extra_memory_is_the_plans_workspace_and_liger_keeps_a_logits_chunk():
     plan = predict.plan_module.launch_plan(SMALL.N, SMALL.D, SMALL.V, "bf16", "sm_90")
     assert predict.extra_bytes("triton", SMALL, True) == plan.workspace_bytes
+    assert predict.extra_bytes("triton", SMALL, False) == plan.forward_bytes == 4 * SMALL.N * (plan.vocab_splits + 2)
     chunk = predict.liger_chunk_size(SMALL.N, SMALL.D, SMALL.V)
     assert chunk == 64  # next_power_of_2(cdiv(1024, cdiv(4096, 256)))
     assert predict.extra_bytes("liger", SMALL, True) >= chunk * SMALL.V * 2

@@ -12,50 +12,67 @@ Math (docs/math.md)::
     d_hidden = dx @ weight + g_r * value_weight,  d_weight = dx^T @ hidden,  d_bias = sum_rows dx
     d_value_weight = hidden^T @ g_r,  d_value_bias = sum g_r
 
-Every launch (grid, tile order, block sizes, vocab splits, backward row chunk) comes from
-``plan.launch_plan(N, D, V, dtype, arch)``, a pure function that tests, the compile check
-(tests/gpu_compile.py) and the performance model (benchmarks/predict.py) read as well.
+Every launch (grid, tile order, block sizes, vocab splits, backward axis and chunk, whether
+row maxima are saved) comes from ``plan.launch_plan(N, D, V, dtype, arch)``, a pure function
+that tests, the compile check (tests/gpu_compile.py) and the performance model
+(benchmarks/predict.py) read as well: the kernels do what the model times.
 
 Forward (``_forward_kernel`` + ``_merge_kernel``): program ``pid`` takes (row block, vocab
 split) in the grouped order of ``plan.grouped_program`` (the ``_grouped`` twin below), so the
-programs resident at one time share a few row blocks and all splits: the hidden row blocks and
-the weight tiles they are reading stay in L2 instead of every row block being re-read from DRAM
-for every vocabulary tile. A program walks its split's vocab tiles; each logit tile is a
-``tl.dot`` over D with fp32 accumulation, folded at once into an online logsumexp and the target
-logit. Split 0 also computes the reward in the D loop of its first tile (each hidden row read
-once for both). ``_merge_kernel`` combines the ``[splits, N]`` partials per row in split order.
-The number of splits depends on V and the architecture only and no block size on N, and a
-row's tiles never mix with other rows, so a row's log-prob and reward are bitwise the same alone
-or inside any batch (batch invariance). Only ``lse [N]`` fp32 is saved for the backward.
+programs resident at one time share a few row blocks and a band of splits: the hidden row
+blocks and the weight tiles they are reading stay in L2. Split ``s`` of ``S`` is the vocab tiles
+``[s*T//S, (s+1)*T//S)`` (``plan.split_tiles``, T tiles in all); ``S`` is large (167 shares of
+6 tiles at V=128256, D=4096, bf16), so the programs are short and the launch's last wave leaves
+SMs idle only briefly (wave filling), with ``S`` capped so the fp32 partials ``[S + 1, N]``
+stay within 10% of ``hidden``. Each logit tile is a ``tl.dot`` over D with fp32 accumulation,
+folded at once into an online logsumexp. Split 0 also computes the reward in the D loop of its
+first tile. The program whose share holds a row's target stores its logit into the one
+``[N]`` target row of the partials (one writer, no atomics). When gradients are needed and the
+plan says so, each tile also stores its per-row maximum of ``z`` (after bias, softcap and
+temperature) as fp16 into ``tile_max [N, T]`` (33 MB at the shape above). ``_merge_kernel``
+combines the ``S`` logsumexps per row in split order. ``S`` depends on V, D, the dtype and the
+architecture, never on N, no block size depends on N, and a row's tiles never mix with other
+rows, so a row's log-prob and reward are bitwise the same alone or inside any batch (batch
+invariance). Saved for the backward: ``lse [N]`` fp32 and ``tile_max``.
 
-Backward, in chunks of ``row_chunk`` rows, three launches per chunk, no atomics:
+Backward, in chunks along the plan's ``backward_axis``, two launches per chunk, no atomics:
+the vocabulary when N < V (the usual case: chunks of ``vocab_chunk`` entries, all N rows,
+workspace ``dx [N, vocab_chunk]``), the rows otherwise (``dx [row_chunk, V]``).
 
-* ``_dlogits_kernel``: recompute the chunk's logit tiles (grouped order), form ``dx`` and store
-  it in the input dtype into a workspace ``[row_chunk, V]``, plus a ``live`` flag per (row
-  block, vocab tile).
-* ``_dhidden_kernel``: ``d_hidden[chunk] = dx @ weight`` as a GEMM over K = V that skips the
-  vocab tiles whose flag is 0 for its row block; fp32 accumulation in registers, one rounding
-  to the output dtype; ``g_r * value_weight`` is added in its epilogue.
-* ``_dweight_kernel``: ``d_weight[tile] += dx^T @ hidden[chunk]`` over K = the chunk's rows,
-  skipping row blocks whose flag is 0 and the whole output tile (no load, no store) when all of
-  its flags are 0; ``d_bias`` (column sums of dx) from the same pass.
+* ``_dlogits_kernel``: for each (row block, vocab tile) of the chunk, first the saved row
+  maxima: a row whose ``tile_max - lse`` (raised by the fp16 rounding) is below ``ln(eps)``
+  (``-104`` with no filter: ``exp`` underflows to 0) and whose target is not in the tile
+  contributes nothing, and a tile with no such row is not recomputed (flag 0). Otherwise it
+  recomputes the logit tile, forms ``dx`` and stores it in the input dtype into the workspace,
+  plus the tile's ``live`` flag from the exact filter test.
+* ``_dgrad_kernel``: one launch, two roles over the chunk's live tiles: first the programs of
+  ``d_weight[tile] = dx[:, tile]^T @ hidden`` (K = the chunk's row blocks) and ``d_bias``,
+  then those of ``d_hidden = dx @ weight[chunk]`` (K = the chunk's vocab tiles) with
+  ``g_r * value_weight`` added where ``d_hidden`` is first stored. The long dweight programs go
+  first and the short dhidden ones fill the SMs as they free up.
 
-Memory: the workspace is sized (``plan.launch_plan``) to at most 10% of inputs + gradients
-(hidden and weight), e.g. 230 MB at N=16384, D=4096, V=128256 bf16 (budget 237 MB); there is
-no fp32 copy of ``d_hidden`` or ``d_weight``. ``d_hidden`` is complete within a chunk (one
-rounding per element, as eager). ``d_weight`` / ``d_bias`` reduce over all N rows, which no
-bounded workspace holds at once, so they are accumulated over the chunks in their own dtype:
-one more rounding per chunk (19 chunks at the shape above). For fp32 inputs that is exact fp32
-accumulation; for fp16 / bf16 it costs accuracy: at 13 chunks (interpreter, fp16) the d_weight
-error was 3.3x the eager reference's (1.5x with one chunk), so the tests bound 16-bit d_weight /
-d_bias with the three-way rule plus one ulp of max|gold| per extra chunk. cut-cross-entropy's
-default is coarser (bf16 atomics, one rounding per tile). An exact alternative within the same
-memory is two passes (rows-chunked for d_hidden, vocabulary-chunked for d_weight), at the price
-of recomputing the logits twice (backward 2G + 2fG instead of G + 2fG).
-Determinism: every output element is written by one program with a fixed reduction order and
-the chunks run in order, so the backward is bitwise deterministic (no ``deterministic=`` switch
-is needed). FLOPs: forward G, backward G (recompute) + 2fG (the filtered GEMMs, f = fraction of
-live tiles), G = 2NVD, as in cut-cross-entropy.
+Reduction order and rounding. Vocabulary axis: ``d_weight`` / ``d_bias`` rows of a chunk are a
+single fp32 sum over all N rows (row blocks in order), rounded once, as eager; ``d_hidden``
+reduces over V, which no bounded workspace holds at once, so it is one fp32 partial per chunk
+folded into the stored value in chunk order (``load + acc``, rounded to the dtype each time:
+21 roundings at N=16384, D=4096, V=128256 bf16). Row axis: the roles swap (``d_hidden`` one
+rounding, ``d_weight`` / ``d_bias`` one per row chunk). A gradient row or tile with nothing
+live in a later chunk is left as it is (no load, no store). For fp32 inputs the chunked
+accumulation is exact fp32 accumulation; for fp16 / bf16 each extra chunk adds at most an ulp
+of a partial sum, so the tests bound the chunk-accumulated 16-bit gradient with the three-way
+rule plus one ulp of max|gold| per extra chunk (with main's row-major chunks it was
+``d_weight``: at 13 chunks, interpreter, fp16, 3.3x the eager reference's error, 1.5x with one
+chunk). cut-cross-entropy's default is coarser (bf16 atomics, one rounding per tile).
+
+Memory: workspace (``dx`` chunk + flags), ``lse`` and ``tile_max`` stay within 10% of inputs +
+gradients (hidden and weight): 234 MB at N=16384, D=4096, V=128256 bf16 (budget 237 MB), of it
+33 MB row maxima; no fp32 copy of ``d_hidden`` or ``d_weight``, which come from ``torch.empty``
+(every element is stored by the first chunk that covers it). Determinism: every output
+element is written by one program with a fixed reduction order and the chunks run in order,
+so the backward is bitwise deterministic (no ``deterministic=`` switch is needed). FLOPs:
+forward G, backward f'G (the recompute of the tiles the row maxima cannot rule out: f' >= f,
+f' = 1 without saved maxima) + 2fG (the filtered GEMMs), f = fraction of live tiles, G = 2NVD
+(cut-cross-entropy: G + 2fG).
 
 Gradient filter (``grad_filter_eps``, cut-cross-entropy's ``filter_eps``): a tile is live when
 some valid row has ``|1[j = target] - p_j| >= eps`` (the softmax gradient before the upstream
@@ -90,6 +107,7 @@ math is int64 (rows * D, cols * D and rows * V can pass 2^31).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -170,9 +188,10 @@ def _logit_tile(
 @triton.jit
 def _forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr, value_weight_ptr, value_bias_ptr,
-    split_lse_ptr, split_target_ptr, rewards_ptr,
-    N, V, D, vocab_start, ignore_index, inv_temperature, softcap, grid_m, num_splits, tiles_per_split,
+    split_lse_ptr, target_logit_ptr, tile_max_ptr, rewards_ptr,
+    N, V, D, vocab_start, ignore_index, inv_temperature, softcap, grid_m, num_splits, total_tiles,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_VALUE: tl.constexpr, HAS_VALUE_BIAS: tl.constexpr,
+    STORE_TILE_MAX: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -180,34 +199,46 @@ def _forward_kernel(
     rows = row_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
-    # This program's share of the vocabulary: whole tiles, split 0 first (it adds the reward).
-    v_start = split * tiles_per_split * BLOCK_N
-    v_end = tl.minimum(V, v_start + tiles_per_split * BLOCK_N)
+    # Targets are global ids; this weight holds [vocab_start, vocab_start + V). The local id, as
+    # int32 (V < 2^31), or -1 when ignored or outside (it then matches no column, masked or not).
+    local_target = targets - vocab_start
+    local_target = tl.where((targets != ignore_index) & (local_target >= 0) & (local_target < V),
+                            local_target, -1).to(tl.int32)
+    # This program's share of the vocabulary: tiles [s*T//S, (s+1)*T//S) (plan.split_tiles),
+    # split 0 first (it adds the reward).
+    # (split * tiles < 2^31: at most 256 splits of V / BLOCK_N tiles; int32 keeps registers free)
+    first_tile = split * total_tiles // num_splits
+    last_tile = (split + 1) * total_tiles // num_splits
 
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
     reward = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for v0 in range(v_start, v_end, BLOCK_N):
-        cols = v0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    for t in range(first_tile, last_tile):
+        cols = tl.cast(t, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (t: an int under the interpreter)
         col_mask = cols < V
         z, _, reward = _logit_tile(
             hidden_ptr, weight_ptr, bias_ptr, value_weight_ptr, rows, cols, row_mask, col_mask, D,
-            inv_temperature, softcap, reward, v0 == 0,
+            inv_temperature, softcap, reward, t == 0,
             HAS_BIAS, HAS_SOFTCAP, HAS_VALUE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )
+        tile_max = tl.max(z, axis=1)
+        if STORE_TILE_MAX:
+            # The backward's dlogits skips a tile whose row maxima bound every softmax entry
+            # below the filter (an upper bound kept through the fp16 rounding there).
+            tl.store(tile_max_ptr + rows * total_tiles + t, tile_max.to(tl.float16), mask=row_mask)
         # Online logsumexp: rescale the running sum to the new running max.
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        new_max = tl.maximum(run_max, tile_max)
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
         run_max = new_max
-        # Targets are global ids; this weight holds [vocab_start, vocab_start + V) (a target past
-        # its end must not match a masked column of the last tile).
-        is_target = (cols[None, :] + vocab_start == targets[:, None]) & col_mask[None, :]
+        is_target = (t * BLOCK_N + tl.arange(0, BLOCK_N))[None, :] == local_target[:, None]
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
 
-    partial = split.to(tl.int64) * N + rows
-    tl.store(split_lse_ptr + partial, run_max + tl.log(run_sum), mask=row_mask)
-    tl.store(split_target_ptr + partial, target_logit, mask=row_mask)
+    tl.store(split_lse_ptr + split.to(tl.int64) * N + rows, run_max + tl.log(run_sum), mask=row_mask)
+    # One writer per row: the program whose share holds the target (none when it is outside
+    # this weight or ignored; the merge then does not read it).
+    in_share = (local_target >= first_tile * BLOCK_N) & (local_target < last_tile * BLOCK_N)
+    tl.store(target_logit_ptr + rows, target_logit, mask=row_mask & in_share)
     if HAS_VALUE:
         if split == 0:
             if HAS_VALUE_BIAS:
@@ -217,53 +248,66 @@ def _forward_kernel(
 
 @triton.jit
 def _merge_kernel(
-    split_lse_ptr, split_target_ptr, targets_ptr, logp_ptr, lse_ptr,
-    N, num_splits, ignore_index,
+    split_lse_ptr, target_logit_ptr, targets_ptr, logp_ptr, lse_ptr,
+    N, V, vocab_start, num_splits, ignore_index,
     BLOCK: tl.constexpr,
 ):
-    """``lse = logsumexp over splits``, ``logp = sum of target partials - lse`` (0 on ignored
-    rows), per row, splits in order: the same bits whatever N is."""
+    """``lse = logsumexp over splits`` (in split order), ``logp = target logit - lse`` (``-lse``
+    for a target outside this weight, 0 on ignored rows), per row: the same bits whatever N is."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     row_mask = rows < N
     run_max = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     for s in range(0, num_splits):
         run_max = tl.maximum(run_max, tl.load(split_lse_ptr + s * N + rows, mask=row_mask, other=0.0))
     total = tl.zeros((BLOCK,), dtype=tl.float32)
-    target_logit = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, num_splits):
         total += tl.exp(tl.load(split_lse_ptr + s * N + rows, mask=row_mask, other=0.0) - run_max)
-        target_logit += tl.load(split_target_ptr + s * N + rows, mask=row_mask, other=0.0)
     lse = run_max + tl.log(total)
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = targets != ignore_index
+    inside = valid & (targets - vocab_start >= 0) & (targets - vocab_start < V)
+    target_logit = tl.load(target_logit_ptr + rows, mask=row_mask & inside, other=0.0)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
-    tl.store(logp_ptr + rows, tl.where(targets != ignore_index, target_logit - lse, 0.0), mask=row_mask)
+    tl.store(logp_ptr + rows, tl.where(valid, target_logit - lse, 0.0), mask=row_mask)
 
 
 @triton.jit
 def _dlogits_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr, dx_ptr, live_ptr,
-    row_start, rows_in_chunk, V, D, vocab_start, ignore_index, inv_temperature, softcap, filter_eps,
-    grid_m, grid_n,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr, tile_max_ptr, dx_ptr, live_ptr,
+    row0, rows_in_chunk, vocab0, vocab_in_chunk, dx_stride, total_tiles, D, vocab_start, ignore_index,
+    inv_temperature, softcap, filter_eps, log_eps, grid_m, grid_n,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TILE_MAX: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """``dx`` of one (row block, vocab tile) of the chunk into the workspace (only when live) and
-    the tile's ``live`` flag."""
+    the tile's ``live`` flag. Chunk coordinates: rows ``row0 + local``, vocab ``vocab0 + cl``."""
     row_block, tile = _grouped(tl.program_id(0), grid_m, grid_n, GROUP_M)
     local = row_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = local < rows_in_chunk
-    rows = row_start + local
-    cols = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < V
+    rows = row0 + local
+    cl = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cl < vocab_in_chunk
+    cols = vocab0 + cl
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (targets != ignore_index)
     g = tl.where(valid, tl.load(grad_ptr + rows, mask=row_mask, other=0.0).to(tl.float32), 0.0)
     valid = valid & (g != 0.0)
     live = tl.max(valid.to(tl.int32), axis=0) * 0
-    # Ignored rows and rows without upstream gradient add nothing.
-    if tl.max(valid.to(tl.int32), axis=0) > 0:
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    maybe = valid
+    if TILE_MAX:
+        # Every softmax entry of a row is at most exp(t - lse), t its saved (fp16) tile maximum,
+        # raised by the fp16 rounding; below eps (or underflowing to 0 with no filter) and no
+        # target in the tile, the row adds nothing here. NaNs and an overflowed -inf recompute.
+        t = tl.load(tile_max_ptr + rows * total_tiles + vocab0 // BLOCK_N + tile, mask=row_mask,
+                    other=float("-inf")).to(tl.float32)
+        bound = t + tl.abs(t) * 0.0009765625 + 0.00006103515625 - lse
+        local_target = targets - vocab_start - vocab0 - tile.to(tl.int64) * BLOCK_N
+        has_target = (local_target >= 0) & (local_target < BLOCK_N) & (local_target < vocab_in_chunk - tile.to(tl.int64) * BLOCK_N)
+        maybe = valid & ((bound >= log_eps) | has_target | (lse != lse) | (t != t) | (t == float("-inf")))
+    # Ignored rows, rows without upstream gradient and (TILE_MAX) rows below the filter add nothing.
+    if tl.max(maybe.to(tl.int32), axis=0) > 0:
         z, tanh, _ = _logit_tile(
             hidden_ptr, weight_ptr, bias_ptr, hidden_ptr, rows, cols, row_mask, col_mask, D,
             inv_temperature, softcap, g, False,
@@ -280,91 +324,138 @@ def _dlogits_kernel(
         keep = (in_tile & (adz >= filter_eps) & (adz > 0.0)) | (dx != dx)
         live = tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0)
         if live > 0:
-            tl.store(dx_ptr + local[:, None] * V + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+            tl.store(dx_ptr + local[:, None] * dx_stride + cl[None, :], dx.to(dx_ptr.dtype.element_ty),
                      mask=row_mask[:, None] & col_mask[None, :])
     tl.store(live_ptr + row_block * grid_n + tile, live.to(tl.uint8))
 
 
 @triton.jit
-def _dhidden_kernel(
-    dx_ptr, live_ptr, weight_ptr, grad_rewards_ptr, value_weight_ptr, d_hidden_ptr,
-    row_start, rows_in_chunk, V, D, grid_m, grid_n, vocab_tiles,
-    HAS_REWARD_GRAD: tl.constexpr, FLAG_N: tl.constexpr,
+def _dweight_part(
+    pid, dx_ptr, live_ptr, hidden_ptr, d_weight_ptr, d_bias_ptr,
+    row0, rows_in_chunk, vocab0, vocab_in_chunk, dx_stride, D, vocab_tiles, dim_blocks, row_blocks,
+    ACCUMULATE: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr, FLAG_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """``d_hidden[rows, dims] = dx[rows, :] @ weight[:, dims] (+ g_r * value_weight[dims])``
-    over the live vocab tiles (``FLAG_N`` wide, the dlogits' tile; BLOCK_K divides it)."""
-    row_block, dim_block = _grouped(tl.program_id(0), grid_m, grid_n, GROUP_M)
+    """``d_weight[tile, dims] (+)= dx[:, tile]^T @ hidden[chunk, dims]`` and (dims block 0)
+    ``d_bias[tile] (+)= sum_rows dx[:, tile]``, a fp32 sum over the chunk's live row blocks in
+    order (``FLAG_M`` rows, the dlogits' row block; BLOCK_K divides it). BLOCK_M is the
+    dlogits' vocab tile. Not ACCUMULATE: always stored (zeros when nothing is live);
+    ACCUMULATE: loaded, added and stored only when some row block is live."""
+    tile, dim_block = _grouped(pid, vocab_tiles, dim_blocks, GROUP_M)
+    cl = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_mask = cl < vocab_in_chunk
+    cols = vocab0 + cl
+    dims = dim_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dim_mask = dims < D
+    # Without d_weight only the dims-block-0 programs have work (d_bias).
+    if dim_block < (dim_blocks if NEED_WEIGHT else 1):
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        bias_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        any_live = 0
+        for r0 in range(0, row_blocks * FLAG_M, BLOCK_K):
+            if tl.load(live_ptr + (r0 // FLAG_M) * vocab_tiles + tile) != 0:
+                any_live = 1
+                local = r0 + tl.arange(0, BLOCK_K).to(tl.int64)
+                row_mask = local < rows_in_chunk
+                dx = tl.load(dx_ptr + local[:, None] * dx_stride + cl[None, :],
+                             mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+                if NEED_WEIGHT:
+                    h = tl.load(hidden_ptr + (row0 + local)[:, None] * D + dims[None, :],
+                                mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+                    acc = tl.dot(tl.trans(dx), h, acc, input_precision=DOT_PRECISION)
+                if NEED_BIAS:
+                    bias_acc += tl.sum(dx.to(tl.float32), axis=0)
+        if any_live + (0 if ACCUMULATE else 1) > 0:
+            if NEED_WEIGHT:
+                out = d_weight_ptr + cols[:, None] * D + dims[None, :]
+                out_mask = col_mask[:, None] & dim_mask[None, :]
+                if ACCUMULATE:
+                    acc += tl.load(out, mask=out_mask, other=0.0).to(tl.float32)
+                tl.store(out, acc.to(d_weight_ptr.dtype.element_ty), mask=out_mask)
+            if NEED_BIAS:
+                if dim_block == 0:
+                    if ACCUMULATE:
+                        bias_acc += tl.load(d_bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                    tl.store(d_bias_ptr + cols, bias_acc.to(d_bias_ptr.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def _dhidden_part(
+    pid, dx_ptr, live_ptr, weight_ptr, grad_rewards_ptr, value_weight_ptr, d_hidden_ptr,
+    row0, rows_in_chunk, vocab0, vocab_in_chunk, dx_stride, D, row_blocks, dim_blocks, vocab_tiles,
+    ACCUMULATE: tl.constexpr, HAS_REWARD_GRAD: tl.constexpr, FLAG_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """``d_hidden[rows, dims] (+)= dx[rows, chunk] @ weight[chunk, dims]``, a fp32 sum over the
+    chunk's live vocab tiles in order (``FLAG_N`` wide, the dlogits' tile; BLOCK_K divides it).
+    Not ACCUMULATE: stored with ``g_r * value_weight`` added; ACCUMULATE: loaded, added and
+    stored only when some tile is live."""
+    row_block, dim_block = _grouped(pid, row_blocks, dim_blocks, GROUP_M)
     local = row_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = local < rows_in_chunk
     dims = dim_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dim_mask = dims < D
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    any_live = 0
     for k0 in range(0, vocab_tiles * FLAG_N, BLOCK_K):
         if tl.load(live_ptr + row_block * vocab_tiles + k0 // FLAG_N) != 0:
-            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            col_mask = cols < V
-            dx = tl.load(dx_ptr + local[:, None] * V + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-            w = tl.load(weight_ptr + cols[:, None] * D + dims[None, :], mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
+            any_live = 1
+            cl = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            col_mask = cl < vocab_in_chunk
+            dx = tl.load(dx_ptr + local[:, None] * dx_stride + cl[None, :],
+                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            w = tl.load(weight_ptr + (vocab0 + cl)[:, None] * D + dims[None, :],
+                        mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
             acc = tl.dot(dx, w, acc, input_precision=DOT_PRECISION)
-    rows = row_start + local
-    if HAS_REWARD_GRAD:
-        g_r = tl.load(grad_rewards_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        value_weight = tl.load(value_weight_ptr + dims, mask=dim_mask, other=0.0).to(tl.float32)
-        acc += g_r[:, None] * value_weight[None, :]
-    tl.store(d_hidden_ptr + rows[:, None] * D + dims[None, :], acc.to(d_hidden_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & dim_mask[None, :])
+    rows = row0 + local
+    out = d_hidden_ptr + rows[:, None] * D + dims[None, :]
+    out_mask = row_mask[:, None] & dim_mask[None, :]
+    if ACCUMULATE:
+        if any_live > 0:
+            acc += tl.load(out, mask=out_mask, other=0.0).to(tl.float32)
+            tl.store(out, acc.to(d_hidden_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        if HAS_REWARD_GRAD:
+            g_r = tl.load(grad_rewards_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+            value_weight = tl.load(value_weight_ptr + dims, mask=dim_mask, other=0.0).to(tl.float32)
+            acc += g_r[:, None] * value_weight[None, :]
+        tl.store(out, acc.to(d_hidden_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
-def _dweight_kernel(
-    dx_ptr, live_ptr, hidden_ptr, d_weight_ptr, d_bias_ptr,
-    row_start, rows_in_chunk, V, D, grid_m, grid_n, row_blocks,
-    NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr, FLAG_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+def _dgrad_kernel(
+    dx_ptr, live_ptr, hidden_ptr, weight_ptr, grad_rewards_ptr, value_weight_ptr,
+    d_hidden_ptr, d_weight_ptr, d_bias_ptr,
+    row0, rows_in_chunk, vocab0, vocab_in_chunk, dx_stride, D, row_blocks, vocab_tiles,
+    pid_offset, dweight_programs, dw_dim_blocks, dh_dim_blocks,
+    NEED_HIDDEN: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr,
+    ACC_HIDDEN: tl.constexpr, ACC_WEIGHT: tl.constexpr, HAS_REWARD_GRAD: tl.constexpr,
+    FLAG_M: tl.constexpr, FLAG_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr, DW_GROUP_M: tl.constexpr,
+    DH_BLOCK_N: tl.constexpr, DH_BLOCK_K: tl.constexpr, DH_GROUP_M: tl.constexpr,
 ):
-    """``d_weight[tile, dims] += dx[:, tile]^T @ hidden[chunk, dims]`` and (dims block 0)
-    ``d_bias[tile] += sum_rows dx[:, tile]`` over the live row blocks (``FLAG_M`` rows, the
-    dlogits' row block; BLOCK_K divides it). BLOCK_M is the dlogits' vocab tile and
-    ``grid_m`` the number of vocab tiles."""
-    tile, dim_block = _grouped(tl.program_id(0), grid_m, grid_n, GROUP_M)
-    cols = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    col_mask = cols < V
-    dims = dim_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dim_mask = dims < D
-    any_live = 0
-    for rb in range(0, row_blocks):
-        any_live = tl.maximum(any_live, tl.load(live_ptr + rb * grid_m + tile).to(tl.int32))
-    # Nothing live for this vocab tile: its gradient stays as it is (no load, no store). Without
-    # d_weight only the dims-block-0 programs have work (d_bias).
-    work = any_live > 0
-    if not NEED_WEIGHT:
-        work = work & (dim_block == 0)
-    if work:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        bias_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for r0 in range(0, row_blocks * FLAG_M, BLOCK_K):
-            if tl.load(live_ptr + (r0 // FLAG_M) * grid_m + tile) != 0:
-                local = r0 + tl.arange(0, BLOCK_K).to(tl.int64)
-                row_mask = local < rows_in_chunk
-                dx = tl.load(dx_ptr + local[:, None] * V + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-                if NEED_WEIGHT:
-                    h = tl.load(hidden_ptr + (row_start + local)[:, None] * D + dims[None, :],
-                                mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-                    acc = tl.dot(tl.trans(dx), h, acc, input_precision=DOT_PRECISION)
-                if NEED_BIAS:
-                    bias_acc += tl.sum(dx.to(tl.float32), axis=0)
-        if NEED_WEIGHT:
-            out = d_weight_ptr + cols[:, None] * D + dims[None, :]
-            out_mask = col_mask[:, None] & dim_mask[None, :]
-            acc += tl.load(out, mask=out_mask, other=0.0).to(tl.float32)
-            tl.store(out, acc.to(d_weight_ptr.dtype.element_ty), mask=out_mask)
-        if NEED_BIAS:
-            if dim_block == 0:
-                bias_acc += tl.load(d_bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-                tl.store(d_bias_ptr + cols, bias_acc.to(d_bias_ptr.dtype.element_ty), mask=col_mask)
+    """Both GEMMs over the chunk's ``dx`` in one launch (``plan``'s ``_dgrad_kernel``, whose
+    parts ``_dweight_kernel`` / ``_dhidden_kernel`` are ``_dweight_part`` / ``_dhidden_part``
+    here): pids below ``dweight_programs`` run the dweight role, the rest the dhidden role, each
+    with its own block sizes; ``pid_offset`` skips the dweight range when only d_hidden is
+    needed (the launch then covers the dhidden range only, and vice versa)."""
+    pid = tl.program_id(0) + pid_offset
+    if pid < dweight_programs:
+        if NEED_WEIGHT or NEED_BIAS:
+            _dweight_part(
+                pid, dx_ptr, live_ptr, hidden_ptr, d_weight_ptr, d_bias_ptr,
+                row0, rows_in_chunk, vocab0, vocab_in_chunk, dx_stride, D, vocab_tiles, dw_dim_blocks, row_blocks,
+                ACC_WEIGHT, NEED_WEIGHT, NEED_BIAS, FLAG_M, DOT_PRECISION, FLAG_N, DW_BLOCK_N, DW_BLOCK_K, DW_GROUP_M,
+            )
+    else:
+        if NEED_HIDDEN:
+            _dhidden_part(
+                pid - dweight_programs, dx_ptr, live_ptr, weight_ptr, grad_rewards_ptr, value_weight_ptr, d_hidden_ptr,
+                row0, rows_in_chunk, vocab0, vocab_in_chunk, dx_stride, D, row_blocks, dh_dim_blocks, vocab_tiles,
+                ACC_HIDDEN, HAS_REWARD_GRAD, FLAG_N, DOT_PRECISION, FLAG_M, DH_BLOCK_N, DH_BLOCK_K, DH_GROUP_M,
+            )
 
 
 @triton.jit
@@ -393,8 +484,11 @@ def _value_weight_grad_kernel(
 #: Block sizes of the small value-head gradient kernel (a bandwidth-bound column reduction).
 _VALUE_GRAD_BLOCK_N, _VALUE_GRAD_BLOCK_D = 64, 64
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-#: Private test override of the backward row chunk (None: the plan's budget-sized chunk).
+#: Private test overrides of the plan (None: the plan's own choice): the backward's row chunk
+#: or vocab chunk (forcing that axis), and saving the row maxima on or off.
 _ROW_CHUNK: int | None = None
+_VOCAB_CHUNK: int | None = None
+_TILE_MAX: bool | None = None
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -411,14 +505,24 @@ def _arch_key(device: torch.device) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_plan(n, d, v, dtype, arch, row_chunk):
-    return _plan.launch_plan(n, d, v, dtype, arch, row_chunk=row_chunk)
+def _cached_plan(n, d, v, dtype, arch, row_chunk, vocab_chunk, tile_max):
+    return _plan.launch_plan(n, d, v, dtype, arch, row_chunk=row_chunk, vocab_chunk=vocab_chunk, tile_max=tile_max)
 
 
 def launch_plan_for(hidden: torch.Tensor, weight: torch.Tensor) -> _plan.LaunchPlan:
     """The plan the launchers follow for these inputs."""
     n, d = hidden.shape
-    return _cached_plan(n, d, weight.shape[0], _DTYPE_NAMES[hidden.dtype], _arch_key(hidden.device), _ROW_CHUNK)
+    return _cached_plan(n, d, weight.shape[0], _DTYPE_NAMES[hidden.dtype], _arch_key(hidden.device),
+                        _ROW_CHUNK, _VOCAB_CHUNK, _TILE_MAX)
+
+
+def tile_max_buffer(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """The ``[N, vocab tiles]`` fp16 row-maxima buffer the plan saves for the backward
+    (``forward_launch(tile_max=)``, ``backward_launch(tile_max=)``), or None when it saves none."""
+    p = launch_plan_for(hidden, weight)
+    if p.tile_max_bytes == 0 or hidden.shape[0] == 0:
+        return None
+    return _empty((hidden.shape[0], p.forward[0].k_total), torch.float16, hidden.device)
 
 
 def _meta(launch: _plan.Launch, **constexprs) -> dict:
@@ -439,13 +543,14 @@ def _softcap_arg(softcap):
 
 
 def forward_launch(hidden2d, weight, bias, targets, value_weight, value_bias, *, temperature, softcap,
-                   ignore_index, vocab_start=0):
+                   ignore_index, vocab_start=0, tile_max=None):
     """hidden2d [N, D], weight [V_local, D] (vocab rows ``[vocab_start, vocab_start + V_local)``),
     bias [V_local] or None, targets [N] int64 GLOBAL ids, value_weight [D] or None, value_bias [1]
     or None -> ``(logp [N], rewards [N] or None, lse [N])``, fp32, no autograd.
 
     ``lse`` is the logsumexp over this weight's rows; a target outside them (and not
-    ``ignore_index``) gives ``logp = -lse``.
+    ``ignore_index``) gives ``logp = -lse``. ``tile_max``: None, or ``tile_max_buffer(hidden2d,
+    weight)`` to fill with the row maxima that ``backward_launch`` uses to skip dead tiles.
     """
     hidden, weight, targets = hidden2d.contiguous(), weight.contiguous(), targets.contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -454,36 +559,39 @@ def forward_launch(hidden2d, weight, bias, targets, value_weight, value_bias, *,
     device = hidden.device
     fwd, merge = launch_plan_for(hidden, weight).forward
     splits = fwd.grid_n
-    split_lse = _empty((splits, n), torch.float32, device)
-    split_target = _empty((splits, n), torch.float32, device)
+    # Row s < splits: split s's logsumexp; row splits: the target logits (one writer per row).
+    partials = _empty((splits + 1, n), torch.float32, device)
     rewards = _empty((n,), torch.float32, device) if value_weight is not None else None
     logp, lse = _empty((n,), torch.float32, device), _empty((n,), torch.float32, device)
     if n > 0:
         _forward_kernel[fwd.grid](
             hidden, weight, bias, targets, value_weight, value_bias,
-            split_lse, split_target, rewards,
+            partials, partials[splits], tile_max, rewards,
             n, v, d, vocab_start, ignore_index, 1.0 / temperature, _softcap_arg(softcap),
-            fwd.grid_m, splits, fwd.k_tiles,
+            fwd.grid_m, splits, fwd.k_total,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             HAS_VALUE=value_weight is not None, HAS_VALUE_BIAS=value_bias is not None,
+            STORE_TILE_MAX=tile_max is not None,
             **_meta(fwd, DOT_PRECISION=_dot_precision(hidden.dtype)),
         )
         _merge_kernel[merge.grid](
-            split_lse, split_target, targets, logp, lse, n, splits, ignore_index,
+            partials, partials[splits], targets, logp, lse, n, v, vocab_start, splits, ignore_index,
             BLOCK=merge.config.block_m, num_warps=merge.config.num_warps,
         )
     return logp, rewards, lse
 
 
 def backward_launch(grad_logp, grad_rewards, hidden2d, weight, bias, targets, value_weight, lse, *,
-                    temperature, softcap, ignore_index, vocab_start=0, needs=(True,) * 5, grad_filter_eps=None):
+                    temperature, softcap, ignore_index, vocab_start=0, needs=(True,) * 5, grad_filter_eps=None,
+                    tile_max=None):
     """Gradients ``(d_hidden, d_weight, d_bias, d_value_weight, d_value_bias)`` in the inputs'
     dtype (None where ``needs`` says no or the input is None), no autograd.
 
     grad_logp [N] or None, grad_rewards [N] or None, lse [N] fp32: may be a GLOBAL logsumexp
     (softmax = exp(z - lse)); targets are global ids, one outside this weight's rows
     ``[vocab_start, vocab_start + V_local)`` adds no one-hot term. ``grad_filter_eps``: a float
-    (resolved, see ``linear_logprobs.resolve_filter_eps``) or None (off).
+    (resolved, see ``linear_logprobs.resolve_filter_eps``) or None (off). ``tile_max``: the
+    buffer ``forward_launch`` filled (dead tiles are then not recomputed), or None.
     """
     hidden, weight, targets, lse = hidden2d.contiguous(), weight.contiguous(), targets.contiguous(), lse.contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -493,47 +601,54 @@ def backward_launch(grad_logp, grad_rewards, hidden2d, weight, bias, targets, va
     n, d = hidden.shape
     v = weight.shape[0]
     device, dtype = hidden.device, hidden.dtype
+    # Every element is stored by the first chunk that covers it (module doc), so no zero fill.
     d_hidden = _empty((n, d), dtype, device) if need_hidden else None
-    # Accumulated over row chunks in their own dtype (see the module doc): start from zero.
-    d_weight = torch.zeros((v, d), dtype=weight.dtype, device=device) if need_weight else None
-    d_bias = torch.zeros((v,), dtype=bias.dtype, device=device) if need_bias else None
+    d_weight = _empty((v, d), weight.dtype, device) if need_weight else None
+    d_bias = _empty((v,), bias.dtype, device) if need_bias else None
     if grad_rewards is not None:
         grad_rewards = grad_rewards.contiguous().to(torch.float32)
     if n > 0 and (need_hidden or need_weight or need_bias):
         p = launch_plan_for(hidden, weight)
         grad_logp = torch.zeros(n, dtype=torch.float32, device=device) if grad_logp is None else grad_logp.contiguous()
-        dlogits, _, _ = p.backward
-        dx = _empty((min(p.row_chunk, n), v), dtype, device)
-        live = _empty((dlogits.grid_m, dlogits.grid_n), torch.uint8, device)
+        k1, _ = p.backward
+        dx = _empty((min(p.row_chunk, n), v) if p.backward_axis == "rows" else (n, min(p.vocab_chunk, v)), dtype, device)
+        live = _empty((k1.grid_m, k1.grid_n), torch.uint8, device)
         precision = _dot_precision(dtype)
         eps = 0.0 if grad_filter_eps is None else grad_filter_eps
-        for row_start in range(0, n, p.row_chunk):
-            rows = min(p.row_chunk, n - row_start)
-            k_dx, k_dh, k_dw = p.backward_chunk(rows)
-            _dlogits_kernel[k_dx.grid](
-                hidden, weight, bias, targets, lse, grad_logp, dx, live,
-                row_start, rows, v, d, vocab_start, ignore_index, 1.0 / temperature, _softcap_arg(softcap), eps,
-                k_dx.grid_m, k_dx.grid_n,
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-                **_meta(k_dx, DOT_PRECISION=precision),
+        # exp(x) of fp32 is 0 below about -103.3: with no filter a tile below that adds nothing.
+        log_eps = math.log(eps) if eps > 0 else -104.0
+        use_tile_max = tile_max is not None and p.tile_max_bytes > 0
+        for start, size in p.chunks:
+            k1, dgrad = p.backward_launches(start, size)
+            _dlogits_kernel[k1.grid](
+                hidden, weight, bias, targets, lse, grad_logp, tile_max if use_tile_max else lse, dx, live,
+                k1.row0, k1.rows, k1.vocab0, k1.vocab, dx.shape[1], p.forward[0].k_total, d, vocab_start,
+                ignore_index, 1.0 / temperature, _softcap_arg(softcap), eps, log_eps, k1.grid_m, k1.grid_n,
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, TILE_MAX=use_tile_max,
+                **_meta(k1, DOT_PRECISION=precision),
             )
-            if need_hidden:
-                _dhidden_kernel[k_dh.grid](
-                    dx, live, weight, grad_rewards, value_weight, d_hidden,
-                    row_start, rows, v, d, k_dh.grid_m, k_dh.grid_n, k_dh.k_tiles,
-                    HAS_REWARD_GRAD=has_value, FLAG_N=k_dx.config.block_n, **_meta(k_dh, DOT_PRECISION=precision),
-                )
-            if need_weight or need_bias:
-                _dweight_kernel[k_dw.grid](
-                    dx, live, hidden, d_weight, d_bias,
-                    row_start, rows, v, d, k_dw.grid_m, k_dw.grid_n, k_dw.k_tiles,
-                    NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, FLAG_M=k_dx.config.block_m,
-                    **_meta(k_dw, DOT_PRECISION=precision),
-                )
-    elif need_hidden:
-        # No logit gradient to form: d_hidden is the reward term alone (or zero).
-        d_hidden.zero_()
-        if has_value:
+            dweight, dhidden = dgrad.parts
+            need_dw = need_weight or need_bias
+            first = 0 if need_dw else dweight.grid[0]
+            last = dgrad.grid[0] if need_hidden else dweight.grid[0]
+            cfg = dgrad.config
+            _dgrad_kernel[(last - first,)](
+                dx, live, hidden, weight, grad_rewards, value_weight, d_hidden, d_weight, d_bias,
+                k1.row0, k1.rows, k1.vocab0, k1.vocab, dx.shape[1], d, k1.grid_m, k1.grid_n,
+                first, dweight.grid[0], dweight.grid_n, dhidden.grid_n,
+                NEED_HIDDEN=need_hidden, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias,
+                ACC_HIDDEN=dhidden.accumulate, ACC_WEIGHT=dweight.accumulate, HAS_REWARD_GRAD=has_value,
+                FLAG_M=k1.config.block_m, FLAG_N=k1.config.block_n, DOT_PRECISION=precision,
+                DW_BLOCK_N=dweight.config.block_n, DW_BLOCK_K=dweight.config.block_k, DW_GROUP_M=dweight.config.group_m,
+                DH_BLOCK_N=dhidden.config.block_n, DH_BLOCK_K=dhidden.config.block_k, DH_GROUP_M=dhidden.config.group_m,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+    else:
+        # No logit gradient to form: d_weight / d_bias are zero, d_hidden the reward term alone.
+        for grad in (d_hidden, d_weight, d_bias):
+            if grad is not None:
+                grad.zero_()
+        if need_hidden and has_value:
             d_hidden.addr_(grad_rewards.to(dtype), value_weight.to(dtype))
     d_value_weight = d_value_bias = None
     if value_weight is not None:
@@ -556,16 +671,18 @@ def backward_launch(grad_logp, grad_rewards, hidden2d, weight, bias, targets, va
 
 
 class _LinearLogprobsFunction(torch.autograd.Function):
-    """``(logp [N], rewards [N] or None)``; saves only ``lse [N]`` besides the inputs."""
+    """``(logp [N], rewards [N] or None)``; saves ``lse [N]`` and (when the plan says so) the
+    fp16 row maxima ``[N, vocab tiles]`` besides the inputs."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, value_weight, value_bias, targets, temperature, softcap, ignore_index,
                 grad_filter_eps):
+        tile_max = tile_max_buffer(hidden, weight)
         logp, rewards, lse = forward_launch(
             hidden, weight, bias, targets, value_weight, value_bias,
-            temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+            temperature=temperature, softcap=softcap, ignore_index=ignore_index, tile_max=tile_max,
         )
-        ctx.save_for_backward(hidden, weight, bias, value_weight, targets, lse)
+        ctx.save_for_backward(hidden, weight, bias, value_weight, targets, lse, tile_max)
         ctx.temperature, ctx.softcap, ctx.ignore_index = temperature, softcap, ignore_index
         ctx.grad_filter_eps = grad_filter_eps
         ctx.has_value_bias = value_bias is not None
@@ -573,13 +690,13 @@ class _LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_rewards):
-        hidden, weight, bias, value_weight, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, value_weight, targets, lse, tile_max = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:5])
         needs[4] = needs[4] and ctx.has_value_bias
         grads = backward_launch(
             grad_logp, grad_rewards, hidden, weight, bias, targets, value_weight, lse,
             temperature=ctx.temperature, softcap=ctx.softcap, ignore_index=ctx.ignore_index,
-            needs=tuple(needs), grad_filter_eps=ctx.grad_filter_eps,
+            needs=tuple(needs), grad_filter_eps=ctx.grad_filter_eps, tile_max=tile_max,
         )
         return (*grads, None, None, None, None, None)
 
