@@ -777,7 +777,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default="sm_90", help=f"one of {tuple(ARCHS)}")
     parser.add_argument("--format", default="table", help="table | csv | markdown")
     parser.add_argument("--live-frac", default=str(DEFAULT_LIVE_FRAC),
-                        help="fraction of logit tiles whose gradient survives the filter (0..1]")
+                        help="fraction of logit tiles whose gradient survives the filter (0..1]; several, "
+                        "comma-separated, add fwd+bwd rows for each")
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     parser.add_argument("--out", type=Path, help="also write the CSV to this file (and the calibration and "
                         "hardware next to it, <out stem>.notes.json, for benchmarks/report.py)")
@@ -810,14 +811,18 @@ def notes(arch: str) -> dict:
             "launch_us": LAUNCH_US}
 
 
-def _live_frac(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"--live-frac must be a number in (0, 1], got {text!r}")
-    return value
+def _live_frac(text: str) -> list[float]:
+    """``--live-frac``: one fraction or several separated by commas (the first one is the headline)."""
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            value = -1.0
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"--live-frac must be numbers in (0, 1] separated by commas, got {text!r}")
+        values.append(value)
+    return values
 
 
 def _impls(text: str) -> list[str]:
@@ -828,7 +833,10 @@ def _impls(text: str) -> list[str]:
     return impls
 
 
-def rows_for(shapes, dtype: str, arch: str, live_frac: float, impls=IMPLS, fmt: str = "table") -> list[dict]:
+def rows_for(shapes, dtype: str, arch: str, live_frac, impls=IMPLS, fmt: str = "table") -> list[dict]:
+    """Rows for each shape x impl x pass; ``live_frac`` is one fraction or a list of them (the forward
+    does not depend on it, so its rows come once, with the first fraction)."""
+    fracs = [live_frac] if isinstance(live_frac, (int, float)) else list(live_frac)
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"--dtype must be one of {tuple(DTYPE_BYTES)}, got {dtype!r}")
     if arch not in ARCHS:
@@ -837,12 +845,15 @@ def rows_for(shapes, dtype: str, arch: str, live_frac: float, impls=IMPLS, fmt: 
         raise ValueError(f"--format must be one of table, csv, markdown, got {fmt!r}")
     rows = []
     for n, d, v in shapes:
-        s = Shape(n, d, v, dtype, arch, live_frac)
-        for impl in impls:
-            for pass_ in PASSES:
-                if impl == "cce" and pass_ == "fwd+bwd" and dtype == "fp32":
-                    continue  # CCE's backward requires 16-bit inputs
-                rows.append(predict(impl, pass_, s).row())
+        for i, frac in enumerate(fracs):
+            s = Shape(n, d, v, dtype, arch, frac)
+            for impl in impls:
+                for pass_ in PASSES:
+                    if pass_ == "fwd" and i > 0:
+                        continue
+                    if impl == "cce" and pass_ == "fwd+bwd" and dtype == "fp32":
+                        continue  # CCE's backward requires 16-bit inputs
+                    rows.append(predict(impl, pass_, s).row())
     return rows
 
 

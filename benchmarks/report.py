@@ -404,9 +404,10 @@ def predicted_section(results_dir: Path) -> list[str]:
             continue
         arch = path.stem[len(PREDICTED_PREFIX):]
         shapes = ";".join(dict.fromkeys(f"{r['N']},{r['D']},{r['V']}" for r in rows))
+        fracs = ",".join(dict.fromkeys(r["live_frac"] for r in rows if r["pass"] == "fwd+bwd"))
         lines += [f"## `linear_logprobs` on {arch}: PREDICTED, NOT MEASURED", "", _predicted_intro(notes), "",
                   f"Written by `python benchmarks/predict.py --shape '{shapes}' --dtype {rows[0]['dtype']} --arch {arch} "
-                  f"--format csv --out benchmarks/results/{path.name}` (about a minute).", ""]
+                  f"--live-frac {fracs} --format csv --out benchmarks/results/{path.name}` (about a minute per live fraction).", ""]
         lines += _table(_PREDICTED_HEADER, _predicted_rows(rows))
     return lines
 
@@ -474,15 +475,24 @@ def summary(results_dir: Path = RESULTS_DIR) -> str:
 
 
 def _predicted_verdict(rows) -> list[str]:
-    """Ours against CCE at one shape, in words (both numbers from the same model)."""
-    ms = {(r["impl"], r["pass"]): float(r["pred_ms"]) for r in rows}
-    parts = []
-    for pass_ in ("fwd", "fwd+bwd"):
-        ours, cce = ms.get(("triton", pass_)), ms.get(("cce", pass_))
-        if ours and cce:
-            parts.append(f"{pass_} {ours:.4g} ms vs {cce:.4g} ms ({ours / cce - 1:+.1%}, "
-                         f"{'at or below' if ours <= cce else 'ABOVE'} CCE's)")
-    return [f"Under this model, ours against CCE at this shape: {'; '.join(parts)}.", ""] if parts else []
+    """Ours against CCE at one shape, in words (both numbers from the same model), one sentence
+    per live fraction (the forward does not depend on it)."""
+    fwd = {r["impl"]: float(r["pred_ms"]) for r in rows if r["pass"] == "fwd"}
+    fracs = sorted({r["live_frac"] for r in rows if r["pass"] == "fwd+bwd"}, key=float)
+    lines = []
+    for frac in fracs:
+        ms = {("triton", "fwd"): fwd.get("triton"), ("cce", "fwd"): fwd.get("cce")}
+        ms.update({(r["impl"], "fwd+bwd"): float(r["pred_ms"]) for r in rows
+                   if r["pass"] == "fwd+bwd" and r["live_frac"] == frac})
+        parts = []
+        for pass_ in ("fwd", "fwd+bwd"):
+            ours, cce = ms.get(("triton", pass_)), ms.get(("cce", pass_))
+            if ours and cce:
+                parts.append(f"{pass_} {ours:.4g} ms vs {cce:.4g} ms ({ours / cce - 1:+.1%}, "
+                             f"{'at or below' if ours <= cce else 'ABOVE'} CCE's)")
+        if parts:
+            lines.append(f"Under this model, ours against CCE at this shape, live fraction {frac}: {'; '.join(parts)}.")
+    return [" ".join(lines), ""] if lines else []
 
 
 def update_readme(readme: Path, section: str) -> bool:

@@ -193,3 +193,15 @@ def test_report_renders_predictions_apart_and_labelled(tmp_path, capsys):
         assert "PREDICTED, NOT MEASURED" in text and "fitted to CCE's 92.6 ms" in text
         assert "| 1024 | 256 | 4096 | bf16 | fwd+bwd | triton |" in text
     assert "Under this model, ours against CCE" in report.summary(tmp_path)
+
+
+def test_several_live_fractions_add_backward_rows_only():
+    shape = (SMALL.N, SMALL.D, SMALL.V)
+    rows = predict.rows_for([shape], "bf16", "sm_90", [0.2, 1.0], impls=("triton", "cce"))
+    passes = [(r["impl"], r["pass"], float(r["live_frac"])) for r in rows]
+    assert sorted(passes) == sorted([("triton", "fwd", 0.2), ("cce", "fwd", 0.2),
+                                     ("triton", "fwd+bwd", 0.2), ("cce", "fwd+bwd", 0.2),
+                                     ("triton", "fwd+bwd", 1.0), ("cce", "fwd+bwd", 1.0)])
+    ms = {(r["impl"], float(r["live_frac"])): float(r["pred_ms"]) for r in rows if r["pass"] == "fwd+bwd"}
+    assert ms[("triton", 1.0)] > ms[("triton", 0.2)]  # every tile live costs more than a filtered fifth
+    assert predict._live_frac("0.2,0.05,1") == [0.2, 0.05, 1.0]
