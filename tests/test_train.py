@@ -264,8 +264,11 @@ def test_padding_free_matches_padded(tmp_path, monkeypatch, trainer_cls, run_tok
     import icrm.model
     from icrm import SFTTrainer
 
+    runs = []
     if run_tokens is not None:
         monkeypatch.setattr(icrm.model, "PACKED_RUN_TOKENS", run_tokens)
+        real_runs = icrm.model.packed_runs
+        monkeypatch.setattr(icrm.model, "packed_runs", lambda *a: runs.append(real_runs(*a)) or runs[-1])
     logs = []
     for packed in (False, True):
         args = tiny_args(tmp_path, max_steps=3, padding_free=packed, baseline="response_mean",
@@ -275,6 +278,7 @@ def test_padding_free_matches_padded(tmp_path, monkeypatch, trainer_cls, run_tok
         result = trainer.train()
         logs.append(([r["loss"] for r in trainer.log_history if "loss" in r], result))
     (padded, padded_eval), (packed, packed_eval) = logs
+    assert run_tokens is None or max(map(len, runs)) > 1  # the packed rows did take several decoder calls
     assert packed == pytest.approx(padded, rel=1e-4, abs=1e-5)
     assert packed_eval["eval_loss"] == pytest.approx(padded_eval["eval_loss"], rel=1e-4)
 
