@@ -39,9 +39,13 @@ searches up to T = 16384 (32768 tokens per pair) on the small config (``--t-max`
 
 Packed rows and attention: every row here has the full length, so the ``[2B, T]`` layout holds
 no padding either; packing changes only the attention. transformers turns a packed row's
-restarting ``position_ids`` into a dense ``[N, N]`` block-diagonal mask (``N = 2B T``), and
-PyTorch's CPU SDPA with a mask takes the path that materialises the ``[heads, N, N]`` scores:
-O(N^2) memory that the fused heads do not remove (GPUs use the varlen flash kernels instead).
+restarting ``position_ids`` into a dense ``[n, n]`` block-diagonal mask, and PyTorch's CPU SDPA
+with a mask needs O(n^2) memory, so the trainer hands the decoder runs of whole sequences of at
+most ``icrm.model.PACKED_RUN_TOKENS`` (1024) tokens, a longer sequence alone (causal, no mask: SDPA's
+memory-efficient kernel), and concatenates the hidden states back into the packed row
+(``icrm.model.last_hidden``): attention memory linear in the tokens. From T = 1024 on, each
+sequence is a run of its own (the two of T = 512 share one). (Before that, the packed search
+stopped at T = 4096 under the 2048 MB cap, with 1 GB extra at T = 4096.)
 
 Usage::
 

@@ -223,13 +223,42 @@ def decoder_of(causal_lm: nn.Module) -> nn.Module:
     return getattr(causal_lm, causal_lm.base_model_prefix)
 
 
-def last_hidden(decoder: nn.Module, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+#: Most tokens of a packed row that one decoder call sees. transformers turns a packed row into a
+#: dense block-diagonal ``[n, n]`` mask and PyTorch's CPU SDPA with a mask keeps ``O(n^2)`` memory,
+#: so :func:`last_hidden` cuts a long packed row into runs of whole sequences of at most this many
+#: tokens (a longer sequence runs alone: one causal sequence needs no mask, and SDPA takes its
+#: memory-efficient kernel). Attention memory is then ``O(N * PACKED_RUN_TOKENS)``, not ``O(N^2)``,
+#: while a batch of short sequences still takes one call (the default job's speed).
+PACKED_RUN_TOKENS = 1024
+
+
+def packed_runs(cu_seqlens: torch.Tensor, limit: int = PACKED_RUN_TOKENS) -> list[tuple[int, int]]:
+    """``[(start, end), ...]``: consecutive sequences of ``cu_seqlens [R + 1]`` grouped greedily into
+    runs of at most ``limit`` tokens (a sequence longer than ``limit`` is a run of its own)."""
+    bounds = cu_seqlens.tolist()
+    runs, start = [], bounds[0]
+    for end, next_end in zip(bounds[1:], bounds[2:]):
+        if next_end - start > limit:
+            runs.append((start, end))
+            start = end
+    runs.append((start, bounds[-1]))
+    return runs
+
+
+def last_hidden(decoder: nn.Module, input_ids, attention_mask, position_ids=None, cu_seqlens=None) -> torch.Tensor:
     """``[R, T, D]`` last hidden states, in the autocast dtype when autocast is on.
 
-    Packed batches pass ``attention_mask=None`` and ``position_ids`` that restart per sequence.
+    Packed batches pass ``[1, N]`` inputs, ``attention_mask=None``, ``position_ids`` that restart
+    per sequence and ``cu_seqlens [R + 1]``; the decoder then runs over :func:`packed_runs` of the
+    row and the states are concatenated back into ``[1, N, D]`` (the same values: no sequence
+    attends outside itself either way). Without ``cu_seqlens`` a packed row is one call.
     HF decoders keep the residual stream (and so the final norm's output) in the weights'
     dtype under autocast; casting here lets the fused ops read bf16/fp16 as the kernels expect.
     """
+    if cu_seqlens is not None:
+        runs = packed_runs(cu_seqlens, PACKED_RUN_TOKENS)
+        if len(runs) > 1:
+            return torch.cat([last_hidden(decoder, input_ids[:, a:b], None, position_ids[:, a:b]) for a, b in runs], dim=1)
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
@@ -316,14 +345,15 @@ class RewardModel(nn.Module):
     def device(self) -> torch.device:
         return self.score.weight.device
 
-    def forward(self, input_ids, attention_mask, sft_targets=None, position_ids=None):
+    def forward(self, input_ids, attention_mask, sft_targets=None, position_ids=None, cu_seqlens=None):
         """``input_ids, attention_mask [R, T]`` -> ``(rewards [R, T] fp32, sft_logprobs [R, T] or None)``.
 
         ``sft_targets [R, T]``: the token position t should predict (``shifted_targets(labels)``
         with -100 where no SFT term is wanted). None (or no ``lm_head``): rewards only.
-        Packed batches: ``[1, N]`` inputs, ``attention_mask=None`` and restarting ``position_ids``.
+        Packed batches: ``[1, N]`` inputs, ``attention_mask=None``, restarting ``position_ids`` and
+        ``cu_seqlens`` (see :func:`last_hidden`).
         """
-        hidden = last_hidden(self.backbone, input_ids, attention_mask, position_ids)
+        hidden = last_hidden(self.backbone, input_ids, attention_mask, position_ids, cu_seqlens)
         if sft_targets is None or self.lm_head is None:
             rewards = self.score(hidden).squeeze(-1)
             return rewards.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32), None
@@ -422,7 +452,7 @@ class Generator(nn.Module):
 
         Packed (``cu_seqlens`` given, ``[1, N]`` inputs): ``[N]``, 0 at sequence ends.
         """
-        hidden = last_hidden(self.backbone, input_ids, attention_mask, position_ids)
+        hidden = last_hidden(self.backbone, input_ids, attention_mask, position_ids, cu_seqlens)
         weight = self.lm_head.weight.to(hidden.dtype)
         bias = None if self.lm_head.bias is None else self.lm_head.bias.to(hidden.dtype)
         logp = linear_logprobs(hidden, weight, shifted_targets(labels, cu_seqlens), bias=bias,

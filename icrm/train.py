@@ -690,7 +690,7 @@ class RewardTrainer(_Trainer):
             else:
                 sft_targets[0, cu_seqlens[(cu_seqlens.numel() - 1) // 2]:] = IGNORE_INDEX
         module = self.module if training else self.model
-        rewards, sft_logp = module(*inputs, sft_targets, batch.get("position_ids"))
+        rewards, sft_logp = module(*inputs, sft_targets, batch.get("position_ids"), cu_seqlens)
         gen_logp = None
         if self.generator is not None:
             gen_logp = self.generator(*inputs, labels, batch.get("position_ids"), cu_seqlens)
@@ -816,9 +816,9 @@ class _CausalLMLogprobs(torch.nn.Module):
     def backbone(self):
         return decoder_of(self.causal_lm)
 
-    def forward(self, input_ids, attention_mask, targets, position_ids=None):
+    def forward(self, input_ids, attention_mask, targets, position_ids=None, cu_seqlens=None):
         """``targets [R, T]`` = ``shifted_targets(labels)`` -> log-probs ``[R, T]`` (0 where ignored)."""
-        hidden = last_hidden(self.backbone, input_ids, attention_mask, position_ids)
+        hidden = last_hidden(self.backbone, input_ids, attention_mask, position_ids, cu_seqlens)
         head = self.causal_lm.get_output_embeddings()
         return linear_logprobs(hidden, head.weight.to(hidden.dtype), targets,
                                bias=None if head.bias is None else head.bias.to(hidden.dtype), backend=self.backend)
@@ -843,7 +843,8 @@ class SFTTrainer(_Trainer):
     def _token_logprobs(self, module, batch):
         """``(logp [R, T], mask [R, T])`` of the response tokens (padded or packed batch)."""
         targets = shifted_targets(batch["labels"], batch.get("cu_seqlens"))
-        logp = module(batch["input_ids"], batch.get("attention_mask"), targets, batch.get("position_ids"))
+        logp = module(batch["input_ids"], batch.get("attention_mask"), targets, batch.get("position_ids"),
+                      batch.get("cu_seqlens"))
         return logp, (targets != IGNORE_INDEX).float()
 
     def _loss(self, batch, training: bool):

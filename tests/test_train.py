@@ -17,8 +17,8 @@ from icrm import RewardConfig, RewardTrainer
 from icrm.config import DATA_DIR
 from icrm.data import PreferenceDataset, collate_pairs, read_rows
 from icrm.model import (
-    RewardModel, apply_lora, build_tiny_tokenizer, export_sequence_classification, last_hidden, load_causal_lm,
-    load_reward_model, shifted_targets, tiny_config,
+    RewardModel, apply_lora, build_tiny_tokenizer, check_packing_support, export_sequence_classification, last_hidden,
+    load_causal_lm, load_reward_model, packed_runs, shifted_targets, tiny_config,
 )
 from icrm.objective import sequence_rewards
 from icrm.checkpoint import list_checkpoints, verify_checkpoint
@@ -187,10 +187,88 @@ def test_resume_continues_exactly(tmp_path, tok, use_peft):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("trainer_cls", ["reward", "sft"])
-def test_padding_free_matches_padded(tmp_path, trainer_cls):
+def test_packed_runs_group_whole_sequences():
+    cu_seqlens = torch.tensor([0, 5, 14, 17, 29, 36, 40])
+    assert packed_runs(cu_seqlens, 1000) == [(0, 40)]
+    # 5 + 9 fill a run; 3 + 12 > 14 leaves the 3 alone; 12 + 7 > 14; 7 + 4 share one.
+    assert packed_runs(cu_seqlens, 14) == [(0, 14), (14, 17), (17, 29), (29, 40)]
+    assert packed_runs(cu_seqlens, 1) == [(0, 5), (5, 14), (14, 17), (17, 29), (29, 36), (36, 40)]
+    assert packed_runs(torch.tensor([0, 3000]), 1024) == [(0, 3000)]
+
+
+@pytest.mark.parametrize("run_tokens", [10_000, 40, 1])  # one decoder call; runs of several sequences; each alone
+def test_packed_hidden_states_match_per_sequence_and_padded(tok, monkeypatch, run_tokens):
+    """Packed (in runs of at most ``run_tokens``), per-sequence and padded forwards give the same
+    rewards, SFT log-probs and parameter gradients (float64), for sequences of unequal lengths."""
+    import icrm.model
+
+    monkeypatch.setattr(icrm.model, "PACKED_RUN_TOKENS", run_tokens)
+    gen = torch.Generator().manual_seed(0)
+    lengths = [7, 23, 5, 31, 12, 18]
+    seqs = [torch.randint(6, len(tok), (n,), generator=gen) for n in lengths]
+    coef_r = [torch.randn(n, generator=gen, dtype=torch.float64) for n in lengths]
+    coef_l = [torch.randn(n, generator=gen, dtype=torch.float64) for n in lengths]
+    rm = RewardModel(load_causal_lm("tiny", tok, seed=0), sft_grad_scale=0.5, backend="reference").double()
+    check_packing_support(rm.backbone)  # the trainer's start-up check holds for this model
+    params = [p for p in rm.parameters() if p.requires_grad]
+
+    def run(input_ids, attention_mask, position_ids, cu_seqlens, labels, pick):
+        """-> per-sequence rewards and log-probs (``pick(out, i)`` cuts sequence i) and the gradients."""
+        rewards, logp = rm(input_ids, attention_mask, shifted_targets(labels, cu_seqlens), position_ids, cu_seqlens)
+        rewards = [pick(rewards, i) for i in range(len(seqs))]
+        logp = [pick(logp, i) for i in range(len(seqs))]
+        loss = sum((r * c).sum() + (lp * c2).sum() for r, lp, c, c2 in zip(rewards, logp, coef_r, coef_l))
+        return rewards, logp, torch.autograd.grad(loss, params)
+
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    packed_ids = torch.cat(seqs)[None]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    packed = run(packed_ids, None, position_ids, cu, packed_ids, lambda x, i: x[0, cu[i]:cu[i + 1]])
+
+    per_seq = [[], [], None]
+    for i, s in enumerate(seqs):
+        r, lp = rm(s[None], None, shifted_targets(s[None]))
+        per_seq[0].append(r[0])
+        per_seq[1].append(lp[0])
+    loss = sum((r * c).sum() + (lp * c2).sum() for r, lp, c, c2 in zip(*per_seq[:2], coef_r, coef_l))
+    per_seq[2] = torch.autograd.grad(loss, params)
+
+    width = max(lengths)
+    padded_ids = torch.full((len(seqs), width), tok.pad_token_id)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100)
+    for i, s in enumerate(seqs):
+        padded_ids[i, :len(s)], mask[i, :len(s)], labels[i, :len(s)] = s, 1, s
+    padded = run(padded_ids, mask, None, None, labels, lambda x, i: x[i, :lengths[i]])
+
+    for name, other in (("per-sequence", per_seq), ("padded", padded)):
+        for what, a, b in zip(("rewards", "sft logprobs", "gradients"), packed, other):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=f"packed vs {name}: {what}")
+
+
+def test_packing_check_refuses_a_decoder_that_attends_across_sequences(tok, monkeypatch):
+    import transformers.masking_utils
+
+    decoder = load_causal_lm("tiny", tok, seed=0).model
+    check_packing_support(decoder)
+    # As a model whose causal mask ignores position_ids: one causal block over the packed row.
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(ValueError, match="attends across packed sequences"):
+        check_packing_support(decoder)
+
+
+@pytest.mark.parametrize("trainer_cls,run_tokens", [("reward", None), ("reward", 40), ("sft", 40)])
+def test_padding_free_matches_padded(tmp_path, monkeypatch, trainer_cls, run_tokens):
+    """Same losses packed and padded, the packed row in one decoder call or in runs (``run_tokens``)."""
+    import icrm.model
     from icrm import SFTTrainer
 
+    runs = []
+    if run_tokens is not None:
+        monkeypatch.setattr(icrm.model, "PACKED_RUN_TOKENS", run_tokens)
+        real_runs = icrm.model.packed_runs
+        monkeypatch.setattr(icrm.model, "packed_runs", lambda *a: runs.append(real_runs(*a)) or runs[-1])
     logs = []
     for packed in (False, True):
         args = tiny_args(tmp_path, max_steps=3, padding_free=packed, baseline="response_mean",
@@ -200,6 +278,7 @@ def test_padding_free_matches_padded(tmp_path, trainer_cls):
         result = trainer.train()
         logs.append(([r["loss"] for r in trainer.log_history if "loss" in r], result))
     (padded, padded_eval), (packed, packed_eval) = logs
+    assert run_tokens is None or max(map(len, runs)) > 1  # the packed rows did take several decoder calls
     assert packed == pytest.approx(padded, rel=1e-4, abs=1e-5)
     assert packed_eval["eval_loss"] == pytest.approx(padded_eval["eval_loss"], rel=1e-4)
 
