@@ -66,16 +66,6 @@ def _fixed_rng():
     torch.manual_seed(0)
 
 
-def kernels_have_launcher_contract() -> bool:
-    """Whether ``linear_logprobs/kernels.py`` has the ``forward_launch`` / ``backward_launch``
-    contract (global targets, ``vocab_start``) the vocabulary-parallel and custom-op paths call."""
-    try:
-        from icrm_kernels.linear_logprobs import kernels
-    except ImportError:
-        return False
-    return hasattr(kernels, "forward_launch") and hasattr(kernels, "backward_launch")
-
-
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_interp = pytest.mark.skip(

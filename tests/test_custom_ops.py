@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import kernels_have_launcher_contract
 
 import icrm_kernels as ik
 from icrm_kernels import _custom_ops as ops
@@ -60,8 +59,6 @@ def test_opcheck_linear_logprobs_reference(dtype, with_bias, with_value, tempera
 
 
 @pytest.mark.interpret
-@pytest.mark.skipif(not kernels_have_launcher_contract(), reason="kernels.py lacks forward_launch/backward_launch "
-                    "(the vocab_start launcher contract); runs once the new kernels are merged")
 def test_opcheck_linear_logprobs_triton():
     inputs = _linear_inputs(torch.float32, True, True)
     _assert_opcheck(ops.linear_logprobs_forward, _requiring_grad(inputs) + (1.0, 3.0, -100, "triton", None))

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import assert_three_way, kernels_have_launcher_contract
+from conftest import assert_three_way
 
 import icrm_kernels as ik
 from icrm_kernels.linear_logprobs import reference as ref
@@ -159,8 +159,6 @@ def test_vocab_parallel_float64_is_the_gold():
 
 
 @pytest.mark.interpret
-@pytest.mark.skipif(not kernels_have_launcher_contract(), reason="kernels.py lacks forward_launch/backward_launch "
-                    "(the vocab_start launcher contract); runs once the new kernels are merged")
 def test_vocab_parallel_triton_matches_full_vocab_gold():
     _spawn(2, "triton", torch.float32, CASES)
 

@@ -79,8 +79,15 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, options, vocab_start, process_group, backend, grad_filter_eps):
         forward_launch, _ = launchers(backend)
+        # The Triton forward saves each tile's row maxima of this shard; with the global lse they
+        # bound the shard's softmax, so the backward skips dead tiles exactly as unsharded.
+        extra = {}
+        if backend == "triton" and any(ctx.needs_input_grad[:3]):
+            from .kernels import tile_max_buffer
+
+            extra["tile_max"] = tile_max_buffer(hidden, weight)
         logp_local, _, lse_local = forward_launch(hidden, weight, bias, targets, None, None,
-                                                  vocab_start=vocab_start, **options)
+                                                  vocab_start=vocab_start, **options, **extra)
         world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
         local = targets - vocab_start
         valid = targets != options["ignore_index"]
@@ -92,19 +99,21 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         dist.all_reduce(merged, group=process_group)
         lse = torch.logsumexp(merged[:world], dim=0)
         logp = torch.where(valid, merged[world] - lse, torch.zeros((), dtype=lse.dtype, device=lse.device))
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, extra.get("tile_max"))
         ctx.options, ctx.vocab_start, ctx.process_group = options, vocab_start, process_group
         ctx.launchers = (backend, grad_filter_eps)
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, tile_max = ctx.saved_tensors
         _, backward_launch = launchers(*ctx.launchers)
+        extra = {} if tile_max is None else {"tile_max": tile_max}
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         d_hidden, d_weight, d_bias, _, _ = backward_launch(
             grad_logp.contiguous(), None, hidden, weight, bias, targets, None, lse,
             vocab_start=ctx.vocab_start, needs=(need_hidden, need_weight, need_bias, False, False), **ctx.options,
+            **extra,
         )
         if d_hidden is not None:
             # Every rank's shard contributes to every row of d_hidden: sum them (no vocab gather).
