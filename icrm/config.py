@@ -25,6 +25,16 @@ BUILTIN_MODEL = "tiny"
 BASELINES = ("row_mean", "response_mean")
 KERNEL_BACKENDS = ("auto", "triton", "reference")
 SCHEDULERS = ("cosine", "linear", "constant")
+#: The compared objectives (``arm``): printed name and the fields each one sets. The ICRM arms
+#: keep the configured ``reg_ratio`` (> 0); ``bt`` and ``grm`` are the paper's baselines.
+ARMS = {
+    "bt": ("BT", {"reg_ratio": 0.0, "sft_regularizer": False, "uniform_weights": False}),
+    "grm": ("GRM", {"reg_ratio": 0.0, "sft_regularizer": True, "uniform_weights": False}),
+    "icrm": ("ICRM", {"sft_regularizer": True, "consistency_kind": "log", "uniform_weights": False}),
+    "icrm_uniform": ("ICRM (uniform weights)", {"sft_regularizer": True, "consistency_kind": "log", "uniform_weights": True}),
+    "icrm_squared": ("ICRM (squared)", {"sft_regularizer": True, "consistency_kind": "squared", "uniform_weights": False}),
+}
+RM_INITS = ("base", "generator")
 
 
 def _help(text: str, **kw) -> Any:
@@ -42,8 +52,14 @@ class RewardConfig:
     tokenizer_name_or_path: str | None = _help(
         "Tokenizer folder; default: the model folder if it has one, else the built-in tokenizer.", default=None
     )
-    train_file: str = _help("Preference data (JSONL/JSON/Parquet).", default=os.path.join(DATA_DIR, "sort_train.jsonl"))
-    eval_file: str | None = _help("Held-out preference data ('' or null: none).", default=os.path.join(DATA_DIR, "sort_eval.jsonl"))
+    train_file: str = _help("Preference data (JSONL/JSON/Parquet).", default=os.path.join(DATA_DIR, "process_train.jsonl"))
+    eval_file: str | None = _help("Held-out preference data ('' or null: none).", default=os.path.join(DATA_DIR, "process_eval.jsonl"))
+    eval_long_file: str | None = _help("Held-out pairs with longer inputs than training (process metrics, '_long').",
+                                       default=os.path.join(DATA_DIR, "process_eval_long.jsonl"))
+    bon_file: str | None = _help("Best-of-N sets: rows {prompt, responses, correct} ('' or null: none).",
+                                 default=os.path.join(DATA_DIR, "process_bon.jsonl"))
+    bon_long_file: str | None = _help("Best-of-N sets with longer inputs than training.",
+                                      default=os.path.join(DATA_DIR, "process_bon_long.jsonl"))
     output_dir: str = _help("Where checkpoints, metrics.jsonl, the plot and the final model go.", default="runs/icrm")
     max_length: int = _help("Max tokens of prompt + response; the response is cut, rows with no response token left are dropped.", default=64)
     # --- optimisation (TRL names) -------------------------------------------------------
@@ -89,15 +105,40 @@ class RewardConfig:
     kernels: str = _help(f"icrm_kernels backend, one of {KERNEL_BACKENDS}.", default="auto")
     cpu_threads: int | None = _help("torch CPU threads (0: torch's default; none: 1 for models of hidden size <= 256, "
                                     "which gain nothing from more and slow down badly when cores are shared).", default=None)
+    arm: str | None = _help(f"Objective preset, one of {tuple(ARMS)}: bt (Bradley-Terry), grm (reg_ratio 0 + the SFT term), "
+                            "icrm, icrm_uniform (consistency weights without the generator's probabilities), icrm_squared "
+                            "(kind squared). It sets reg_ratio / sft_regularizer / consistency_kind / uniform_weights; "
+                            "none: those fields as given.", default=None)
+    uniform_weights: bool = _help("Consistency pair weights all weight_scale instead of weight_scale * exp(g_t) "
+                                  "(the icrm_uniform ablation; no generator needed).", default=False)
     value_head_bias: bool = _help("Give the value head a bias (the exported HF model has none and drops it).", default=False)
     # --- the main job's pipeline (ours) -------------------------------------------------
     run_sft: bool = _help("`icrm train`: first fine-tune the starting model on the chosen responses (the authors' stage 1) and use it as backbone init and generator.", default=True)
     sft_max_steps: int = _help("Optimizer steps of that SFT stage.", default=800)
     sft_learning_rate: float = _help("Learning rate of that SFT stage.", default=3e-3)
-    compare_bt: bool = _help("`icrm train`: also train a Bradley-Terry baseline from the same init and print both accuracies.", default=True)
+    compare_bt: bool = _help("`icrm train`: also train the baseline arms (`arms`) from the same init and print one table.", default=True)
+    arms: list[str] = _help("`icrm train`: the arms the main job trains when compare_bt is on (comma-separated); "
+                            "with compare_bt false only `arm` (or the fields as given) is trained.",
+                            default_factory=lambda: ["bt", "grm", "icrm"])
+    reward_model_init: str = _help(f"`icrm train`: reward-model start, one of {RM_INITS}: 'base' = model_name_or_path "
+                                   "(the authors' recipe: base model, the SFT term trains the head copy), 'generator' = "
+                                   "the SFT-ed generator (our default: the built-in base model is random init, see docs/trainer.md).",
+                                   default="generator")
 
     def __post_init__(self):
+        if self.arm in ARMS:
+            for name, value in ARMS[self.arm][1].items():
+                setattr(self, name, value)
         self.validate()
+
+    def arm_name(self) -> str:
+        """The paper's name of the objective these fields give (``arm`` or inferred from the fields)."""
+        if self.reg_ratio == 0:
+            return "GRM" if self.sft_regularizer else "BT"
+        if self.uniform_weights:
+            return ARMS["icrm_uniform"][0]
+        return ARMS["icrm_squared"][0] if self.consistency_kind == "squared" else ARMS["icrm"][0] + \
+            ("" if self.consistency_kind == "log" else f" ({self.consistency_kind})")
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
@@ -132,6 +173,14 @@ class RewardConfig:
         for name in ("model_name_or_path", "train_file", "output_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.arm is not None and self.arm not in ARMS:
+            raise ValueError(f"arm must be one of {tuple(ARMS)} or none, got {self.arm!r}")
+        if self.arm is not None and self.arm.startswith("icrm") and self.reg_ratio == 0:
+            raise ValueError(f"arm {self.arm!r} needs reg_ratio > 0 (reg_ratio 0 is the grm arm)")
+        if not isinstance(self.arms, list) or not self.arms or any(a not in ARMS for a in self.arms):
+            raise ValueError(f"arms must be a non-empty list of {tuple(ARMS)}, got {self.arms!r}")
+        if self.reward_model_init not in RM_INITS:
+            raise ValueError(f"reward_model_init must be one of {RM_INITS}, got {self.reward_model_init!r}")
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are both true; choose at most one")
         if self.lora_target_modules is not None and (

@@ -100,6 +100,7 @@ def icrm_loss(
     center_rewards_coefficient: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    uniform_weights: bool = False,
 ) -> ICRMLoss:
     """ICRM loss of one batch of ``B`` preference pairs stacked as ``2B`` rows, chosen first.
 
@@ -120,11 +121,13 @@ def icrm_loss(
             and entry i of the log-probs is ``log p(labels[i+1])`` (ignored at segment ends).
             ``row_mean`` then averages a segment's own tokens (there is no padding).
         backend: ``icrm_kernels`` backend of the consistency op.
+        uniform_weights: the ``icrm_uniform`` ablation: every pair weight is ``weight_scale``
+            (as if the generator gave every token probability 1); ``gen_logprobs`` is then unused.
 
     Returns:
         :class:`ICRMLoss` (``omega`` detached; ``smooth_weight`` is S' when training, else S).
     """
-    if gen_logprobs is None and reg_ratio != 0:
+    if gen_logprobs is None and reg_ratio != 0 and not uniform_weights:
         raise ValueError(f"gen_logprobs is required when reg_ratio != 0 (got reg_ratio={reg_ratio})")
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
@@ -134,6 +137,9 @@ def icrm_loss(
         rewards, labels, gen_logprobs, sft_logprobs, cu_seqlens = _flatten_padded(rewards, labels, gen_logprobs, sft_logprobs)
     else:
         _check_packed(rewards, labels, gen_logprobs, sft_logprobs, cu_seqlens)
+    if uniform_weights and reg_ratio != 0:
+        # exp(0) = 1: the consistency term with the generator's probabilities taken out.
+        gen_logprobs = torch.zeros_like(rewards)
 
     acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     rewards = rewards.to(acc)

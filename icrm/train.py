@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from icrm_kernels import linear_logprobs
 
-from .config import RewardConfig
+from .config import ARMS, RewardConfig
 from .data import IGNORE_INDEX, PreferenceDataset, collate_pairs, collate_sft, epoch_batches
 from .model import (
     RM_CONFIG_NAME, Generator, RewardModel, apply_lora, check_packing_support, decoder_of,
@@ -467,14 +467,15 @@ class RewardTrainer(_Trainer):
         tokenizer = processing_class or load_tokenizer(args.tokenizer_name_or_path, args.model_name_or_path)
         if model is None or isinstance(model, str):
             model, generator = build_reward_model(args, tokenizer, model or args.model_name_or_path, generator)
-        elif generator is None and args.reg_ratio > 0:
+        elif generator is None and args.reg_ratio > 0 and not args.uniform_weights:
             generator = Generator.from_reward_model(model, temperature=args.gen_temperature, backend=args.kernels)
         if train_dataset is None:
             train_dataset = args.train_file
         if eval_dataset is None and args.eval_file:
             eval_dataset = args.eval_file
         super().__init__(model, args, train_dataset, eval_dataset, tokenizer)
-        self.generator = generator.to(self.device) if (generator is not None and args.reg_ratio > 0) else None
+        needs_generator = args.reg_ratio > 0 and not args.uniform_weights
+        self.generator = generator.to(self.device) if (generator is not None and needs_generator) else None
 
     def _loss(self, batch, training: bool):
         out, _, metrics = self._forward(batch, training)
@@ -507,7 +508,7 @@ class RewardTrainer(_Trainer):
             weight_scale=args.weight_scale, kind=args.consistency_kind,
             baseline=args.baseline or ("row_mean" if cu_seqlens is None else "response_mean"),
             margin=batch.get("margin"), center_rewards_coefficient=args.center_rewards_coefficient,
-            cu_seqlens=cu_seqlens, backend=args.kernels,
+            cu_seqlens=cu_seqlens, backend=args.kernels, uniform_weights=args.uniform_weights,
         )
         if training:
             self.smooth_weight = out.smooth_weight
@@ -572,7 +573,7 @@ class RewardTrainer(_Trainer):
 def build_reward_model(args: RewardConfig, tokenizer, name_or_path: str, generator: Generator | None = None):
     """``(RewardModel, Generator or None)`` from the config (seeded, so the same config gives the same init)."""
     causal_lm = load_causal_lm(name_or_path, tokenizer, seed=args.seed)
-    if generator is None and args.reg_ratio > 0:
+    if generator is None and args.reg_ratio > 0 and not args.uniform_weights:
         source = load_causal_lm(args.generator_name_or_path, tokenizer, seed=args.seed) \
             if args.generator_name_or_path else copy.deepcopy(causal_lm)
         generator = Generator(source, temperature=args.gen_temperature, backend=args.kernels)
@@ -674,45 +675,101 @@ def sft_args(cfg: RewardConfig, output_dir: str) -> RewardConfig:
                        resume_from_checkpoint=cfg.resume_from_checkpoint and "latest")
 
 
-def run_main_job(cfg: RewardConfig, *, echo=print) -> dict:
-    """``icrm train``: [SFT the generator] -> ICRM reward model [-> Bradley-Terry baseline], then compare.
+def arm_config(cfg: RewardConfig, arm: str, **changes) -> RewardConfig:
+    """``cfg`` with ``arm``'s objective (an ICRM arm keeps ``cfg.reg_ratio``, or the default 0.1 when it is 0)."""
+    reg_ratio = cfg.reg_ratio or RewardConfig.__dataclass_fields__["reg_ratio"].default
+    return cfg.replace(arm=arm, reg_ratio=reg_ratio if arm.startswith("icrm") else 0.0, **changes)
 
-    Outputs: ``<output_dir>/sft/final`` (generator), ``<output_dir>/icrm/final`` and
-    ``<output_dir>/bt/final`` (reward models), each stage's ``metrics.jsonl`` and
-    ``training.png``, and ``<output_dir>/summary.json``.
+
+def train_arms(cfg: RewardConfig, arms: list[str], *, train_dataset=None, echo=print, save: bool = True,
+               on_arm=None) -> dict:
+    """[SFT the generator] -> one reward model per arm from the same init, each scored by
+    :func:`icrm.metrics.evaluate_suite` on ``cfg``'s eval files. Returns ``{"sft": ..., arm: metrics}``;
+    ``on_arm(arm, metrics)`` is called as each arm finishes (the study writes its rows there).
+
+    Reward-model start (``reward_model_init``): ``generator`` = the SFT-ed model, ``base`` =
+    ``model_name_or_path`` (the authors' recipe); the frozen generator is the SFT-ed model either way.
+    """
+    from .metrics import evaluate_suite
+
+    base = cfg.model_name_or_path
+    summary: dict = {}
+    generator = cfg.generator_name_or_path
+    if cfg.run_sft and cfg.sft_max_steps > 0:
+        sft = SFTTrainer(args=sft_args(cfg, os.path.join(cfg.output_dir, "sft")), train_dataset=train_dataset)
+        summary["sft"] = sft.train()
+        generator = sft.save_model()
+        echo(f"[sft] generator saved to {generator} (eval token NLL {summary['sft'].get('eval_loss', float('nan')):.3f})")
+    init = generator if (cfg.reward_model_init == "generator" and generator) else base
+    for arm in arms:
+        # A checkpoint path given for the run belongs to the first arm; the others resume their own latest.
+        stage = arm_config(cfg, arm, model_name_or_path=init, generator_name_or_path=generator,
+                           output_dir=os.path.join(cfg.output_dir, arm),
+                           resume_from_checkpoint=(cfg.resume_from_checkpoint if arm == arms[0]
+                                                   else cfg.resume_from_checkpoint and "latest"))
+        start = time.perf_counter()
+        # eval_file=None: the trainer's own pairwise evaluation is part of evaluate_suite below.
+        trainer = RewardTrainer(args=stage.replace(eval_file=None), train_dataset=train_dataset)
+        result = trainer.train()
+        if save:
+            result["model_dir"] = trainer.save_model()
+        result["train_s"] = time.perf_counter() - start
+        if trainer.is_main:
+            result.update(evaluate_suite(trainer.model, trainer.tokenizer, eval_file=cfg.eval_file,
+                                         eval_long_file=cfg.eval_long_file, bon_file=cfg.bon_file,
+                                         bon_long_file=cfg.bon_long_file, max_length=cfg.max_length,
+                                         batch_size=cfg.per_device_eval_batch_size))
+        summary[arm] = result
+        if on_arm is not None:
+            on_arm(arm, result)
+        echo(f"[{arm}] {stage.arm_name()} trained in {result['train_s']:.0f} s")
+    return summary
+
+
+#: Rows of the main job's table: (metric key, label).
+TABLE_ROWS = (
+    ("pair_accuracy", "pairwise accuracy"), ("value_spearman", "Spearman(token reward, V)"),
+    ("value_auroc", "AUROC reachable (V > 0)"), ("first_error_acc", "first-error localisation"),
+    ("bon_accuracy", "best-of-16 correct"),
+)
+
+
+def metric_table(summary: dict, arms: list[str]) -> str:
+    """One text table: a row per metric (held-out and longer inputs), a column per arm."""
+    names = [ARMS[a][0] for a in arms]
+    width = max(12, *(len(n) + 2 for n in names))
+    lines = [f"{'':<34s}" + "".join(f"{n:>{width}s}" for n in names)]
+    for suffix, title in (("", "held-out (4-8 numbers)"), ("_long", "longer inputs (9-12 numbers)")):
+        keys = [(k + suffix, label) for k, label in TABLE_ROWS if any(k + suffix in summary.get(a, {}) for a in arms)]
+        if not keys:
+            continue
+        lines.append(title)
+        for key, label in keys:
+            cells = "".join(f"{summary[a].get(key, float('nan')):>{width}.4f}" for a in arms)
+            lines.append(f"  {label:<32s}{cells}")
+        ref = next((summary[a] for a in arms if "bon_random" + suffix in summary[a]), None)
+        if ref:
+            lines.append(f"  {'(best-of-16: random pick / oracle)':<32s}{ref['bon_random' + suffix]:>{width}.4f}"
+                         f"{ref['bon_oracle' + suffix]:>{width}.4f}")
+    return "\n".join(lines)
+
+
+def run_main_job(cfg: RewardConfig, *, echo=print) -> dict:
+    """``icrm train``: [SFT the generator] -> a reward model per arm (``arm``, or ``arms`` when
+    ``compare_bt``) from the same init, then one table of all metrics.
+
+    Outputs: ``<output_dir>/sft/final`` (generator), ``<output_dir>/<arm>/final`` (reward
+    models), each stage's ``metrics.jsonl`` and ``training.png``, and ``<output_dir>/summary.json``.
     """
     start = time.perf_counter()
     is_main = int(os.environ.get("RANK", "0")) == 0
     if not is_main:
         echo = lambda *_: None  # noqa: E731  (one copy of the report under torchrun)
-    base = cfg.model_name_or_path
-    summary: dict = {"config": cfg.to_dict()}
-    if cfg.run_sft and cfg.sft_max_steps > 0:
-        sft = SFTTrainer(args=sft_args(cfg, os.path.join(cfg.output_dir, "sft")))
-        summary["sft"] = sft.train()
-        base = sft.save_model()
-        echo(f"[sft] generator saved to {base} (eval token NLL {summary['sft'].get('eval_loss', float('nan')):.3f})")
-    stages = [("icrm", cfg.replace(model_name_or_path=base, output_dir=os.path.join(cfg.output_dir, "icrm")))]
-    if cfg.compare_bt:
-        # A checkpoint path given for the run belongs to the ICRM stage; the baseline resumes its own latest.
-        stages.append(("bt", cfg.replace(model_name_or_path=base, output_dir=os.path.join(cfg.output_dir, "bt"),
-                                         reg_ratio=0.0, sft_regularizer=False,
-                                         resume_from_checkpoint=cfg.resume_from_checkpoint and "latest")))
-    for name, stage_cfg in stages:
-        trainer = RewardTrainer(args=stage_cfg)
-        summary[name] = trainer.train()
-        summary[name]["model_dir"] = trainer.save_model()
-        if "eval_accuracy" in summary[name]:
-            echo(f"[{name}] held-out pairwise accuracy {summary[name]['eval_accuracy']:.4f}, "
-                 f"mean margin {summary[name]['eval_margin']:.3f}")
+    arms = list(cfg.arms) if cfg.compare_bt else [cfg.arm or "icrm"]
+    summary: dict = {"config": cfg.to_dict(), **train_arms(cfg, arms, echo=echo)}
     summary["wall_s"] = time.perf_counter() - start
-    if "eval_accuracy" in summary.get("icrm", {}):
-        lines = ["", "held-out pairwise accuracy (" + (cfg.eval_file or "") + ")"]
-        for name, label in (("icrm", "ICRM (reg_ratio=%g)" % cfg.reg_ratio), ("bt", "Bradley-Terry baseline")):
-            if name in summary:
-                lines.append(f"  {label:<28s} {summary[name]['eval_accuracy']:.4f}")
-        lines.append(f"  wall time {summary['wall_s']:.0f} s; outputs in {cfg.output_dir}")
-        echo("\n".join(lines))
+    echo(f"\n{metric_table(summary, arms)}\n  reward models start from the {cfg.reward_model_init}; "
+         f"wall time {summary['wall_s']:.0f} s; outputs in {cfg.output_dir}")
     if is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
