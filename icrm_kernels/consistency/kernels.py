@@ -24,9 +24,16 @@ more than the three-way rule allows over an eager sum that happens to round well
 The backward gives each position to exactly one program, which recomputes the two pairs the
 position belongs to, (t-1, t) and (t, t+1): no atomics there either.
 
-Block size: ``BLOCK`` = 1024 positions, 4 warps on every GPU (a bandwidth-bound 1-D stream;
-one row of a typical batch is a few blocks); 64 under the interpreter so tests cross blocks.
-``ICRM_KERNELS_AUTOTUNE=1`` tunes it over 256..4096.
+Block size: ``BLOCK`` = 512 positions with 8 warps on every GPU and dtype, i.e. two positions
+per thread (a bandwidth-bound 1-D stream; one row of a typical batch is a few blocks); 64 under
+the interpreter so tests cross blocks. Two per thread because each position holds int64
+offsets, three rewards and two pair factors (backward) or two fp64 running sums (forward), and
+at four or eight per thread ptxas spilled 8-16 bytes: the sm_90 fp32 forward at 1024 x 4 warps
+(Triton 3.9), an fp32 backward at 1024 x 8 warps (sm_80/86/89 with Triton 3.9, sm_90 with 3.6),
+at 512 x 4 (sm_86/89) and 256 x 2 (sm_89), and the bf16 forward at 2048 x 16 (all Triton 3.9).
+Every two-per-thread config, 256 x 4, 512 x 8 and 1024 x 16, compiles for sm_80/86/89/90 with
+no spill under Triton 3.6 and 3.9 (512 x 8: at most 40 registers); tests/gpu_compile.py fails
+on any spill. ``ICRM_KERNELS_AUTOTUNE=1`` tunes over those three.
 """
 
 from __future__ import annotations
@@ -151,9 +158,10 @@ def _backward_kernel(
 # launchers
 # ----------------------------------------------------------------------------------------------
 
-#: Positions per block: the same on every GPU architecture, small under the interpreter.
-_BLOCK_GPU, _BLOCK_INTERPRETER, _NUM_WARPS = 1024, 64, 4
-_AUTOTUNE_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in [(256, 2), (512, 4), (1024, 4), (2048, 8), (4096, 8)]]
+#: Positions per block: the same on every GPU architecture, small under the interpreter. Two
+#: positions per thread (BLOCK = 64 * num_warps) in every config: more spills (module doc).
+_BLOCK_GPU, _BLOCK_INTERPRETER, _NUM_WARPS = 512, 64, 8
+_AUTOTUNE_CONFIGS = [triton.Config({"BLOCK": 64 * w}, num_warps=w) for w in (4, 8, 16)]
 
 # With ICRM_KERNELS_AUTOTUNE=1, on CUDA only (the interpreter takes the fixed block). Every
 # output is written, not accumulated, so trial runs need no reset.
