@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .._validate import check_targets
-from .reference import cast_grad, rewards_reference
+from .reference import cast_grad, local_targets, rewards_reference
 
 
 def launchers(backend: str, grad_filter_eps: float | None = None):
@@ -89,9 +89,8 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         logp_local, _, lse_local = forward_launch(hidden, weight, bias, targets, None, None,
                                                   vocab_start=vocab_start, **options, **extra)
         world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
-        local = targets - vocab_start
         valid = targets != options["ignore_index"]
-        owner = valid & (local >= 0) & (local < weight.shape[0])
+        owner, _ = local_targets(targets, options["ignore_index"], vocab_start, weight.shape[0])
         merged = torch.zeros((world + 1, targets.shape[0]), dtype=lse_local.dtype, device=lse_local.device)
         merged[rank] = lse_local
         # The launcher gives logp = z_y - lse_r for an owned target; adding lse_r back gives z_y.

@@ -88,7 +88,7 @@ def _chunk_rows(chunk_rows: int | None, vocab: int) -> int:
     return chunk_rows if chunk_rows is not None else max(1, CHUNK_ELEMENTS // max(1, vocab))
 
 
-def _local_targets(targets, ignore_index: int, vocab_start: int, vocab: int):
+def local_targets(targets, ignore_index: int, vocab_start: int, vocab: int):
     """``(in_shard [N] bool, local ids [N])``: which targets fall in this weight's rows
     ``[vocab_start, vocab_start + V)``, and their row there (0 where they do not)."""
     local = targets - vocab_start
@@ -109,7 +109,7 @@ def forward_launch(hidden2d, weight, bias, targets, value_weight, value_bias, *,
     acc = accumulate_dtype(hidden2d.dtype)
     weight_acc = weight.to(acc)
     bias_acc = None if bias is None else bias.to(acc)
-    in_shard, local = _local_targets(targets, ignore_index, vocab_start, weight.shape[0])
+    in_shard, local = local_targets(targets, ignore_index, vocab_start, weight.shape[0])
     n = hidden2d.shape[0]
     chunk_rows = _chunk_rows(chunk_rows, weight.shape[0])
     lse = torch.empty(n, dtype=acc, device=hidden2d.device)
@@ -149,7 +149,7 @@ def backward_launch(grad_logp, grad_rewards, hidden2d, weight, bias, targets, va
     if grad_logp is not None and (need_hidden or need_weight or d_bias is not None):
         weight_acc = weight.to(acc)
         bias_acc = None if bias is None else bias.to(acc)
-        in_shard, local = _local_targets(targets, ignore_index, vocab_start, weight.shape[0])
+        in_shard, local = local_targets(targets, ignore_index, vocab_start, weight.shape[0])
         grad = torch.where(targets != ignore_index, grad_logp.to(acc), torch.zeros((), dtype=acc, device=device))
         target_grad = torch.where(in_shard, grad, torch.zeros((), dtype=acc, device=device))
         chunk_rows = _chunk_rows(chunk_rows, weight.shape[0])
