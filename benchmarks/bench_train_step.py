@@ -288,12 +288,15 @@ def longest_fitting(impl, config, pairs, dtype, kind, cap_mb, t_max, rows, notes
 
     No probe starts after ``deadline`` (``time.monotonic()``): the search then reports the
     longest T that fitted so far and ``stopped_by_budget``."""
-    fitted = 0
+    stopped = False
 
     def probe(length):
-        nonlocal fitted
+        # Past the deadline a probe reports "does not fit" without running: the search then
+        # ends on the longest T that fitted so far.
+        nonlocal stopped
         if time.monotonic() > deadline:
-            raise OutOfTime
+            stopped = True
+            return False
         case = make_case(impl, config, pairs, length, dtype, unchecked=True, packed=packed)
         got_rows, got_notes = harness.run_cases(BENCH, [case], kind, budget_s=0.0, max_reps=1)
         rows.extend(got_rows)
@@ -302,16 +305,11 @@ def longest_fitting(impl, config, pairs, dtype, kind, cap_mb, t_max, rows, notes
         ok = fits(got_rows, got_notes["cases"], cap_mb, kind)
         peak = got_notes["cases"][-1]["peak_abs_mb"] if got_notes["cases"] else None
         print(f"[train_step] probe {impl} T={length}: {'fits' if ok else 'does not fit'} (peak RSS {peak} MB)", flush=True)
-        if ok:
-            fitted = max(fitted, length)
         return ok
 
-    try:
-        good, capped = longest(probe, t_max, start=t_start)
-    except OutOfTime:
-        return {"impl": impl, "max_T": fitted, "search_cap_T": t_max, "search_start_T": t_start, "hit_search_cap": False,
-                "stopped_by_budget": True}
-    return {"impl": impl, "max_T": good, "search_cap_T": t_max, "search_start_T": t_start, "hit_search_cap": capped}
+    good, capped = longest(probe, t_max, start=t_start)
+    result = {"impl": impl, "max_T": good, "search_cap_T": t_max, "search_start_T": t_start, "hit_search_cap": capped}
+    return {**result, "stopped_by_budget": True} if stopped else result
 
 
 def longest(fits_at, t_max: int, step: int = 256, start: int | None = None) -> tuple[int, bool]:

@@ -105,6 +105,19 @@ def test_longest_fitting_search(threshold, t_max, expected):
     assert all(p % 256 == 0 and p <= t_max for p in probes)
 
 
+def test_longest_fitting_stops_at_its_deadline_without_probing(monkeypatch):
+    sys.path.insert(0, str(BENCH))
+    import bench_train_step
+
+    ran = []
+    monkeypatch.setattr(bench_train_step.harness, "run_cases", lambda *a, **k: ran.append(a) or ([], {}))
+    notes = {"skipped": [], "cases": []}
+    got = bench_train_step.longest_fitting("ours", "tiny", 1, "fp32", "cpu", 2048, 4096, [], notes, deadline=0.0)
+    assert ran == []
+    assert got == {"impl": "ours", "max_T": 0, "search_cap_T": 4096, "search_start_T": 256, "hit_search_cap": False,
+                   "stopped_by_budget": True}
+
+
 def test_plot_and_report(results):
     out, _, _ = results
     env = dict(os.environ, PYTHONPATH=str(REPO))
