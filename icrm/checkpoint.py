@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 
+from .config import ARMS
 from .io_safety import IcrmError, ensure_writable_dir
 
 log = logging.getLogger("icrm")
@@ -34,7 +35,7 @@ MANIFEST = "checksums.json"
 RUN_FILES = ("metrics.jsonl", "training.png", "summary.json")
 #: ``icrm train`` stage folders inside the top-level ``output_dir``: the SFT stage and one per
 #: arm (``icrm.config.ARMS``; ``icrm/`` is also a single run's folder).
-STAGE_DIRS = ("sft", "icrm", "bt", "grm", "icrm_uniform", "icrm_squared")
+STAGE_DIRS = ("sft", *ARMS)
 
 
 #: Prefixes of checkpoints moved aside on resume: damaged, or newer than an explicit resume point.

@@ -181,6 +181,11 @@ class RewardConfig:
                 setattr(self, name, value)
         self.validate()
 
+    @property
+    def uses_generator(self) -> bool:
+        """Whether the objective needs the frozen generator (the consistency term with its weights)."""
+        return self.reg_ratio > 0 and not self.uniform_weights
+
     def arm_name(self) -> str:
         """The paper's name of the objective these fields give (``arm`` or inferred from the fields)."""
         if self.reg_ratio == 0:

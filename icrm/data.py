@@ -237,6 +237,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.stats = DataStats(rows=len(rows))
         self.examples: list[PreferenceExample] = []
         margins = []
+        unk = tokenizer.unk_token_id
         for index, row in enumerate(rows):
             where = f"{name} row {index + 1}"
             try:
@@ -252,7 +253,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
             self.stats.truncated += int(c[2] or r[2])
             self.stats.identical += int(c[0] == r[0])
             self.stats.tokens += len(c[0]) + len(r[0])
-            self.stats.unknown_tokens += sum(t == tokenizer.unk_token_id for t in c[0] + r[0])
+            self.stats.unknown_tokens += c[0].count(unk) + r[0].count(unk)
             self.examples.append(PreferenceExample(c[0], c[1], r[0], r[1], margin))
             margins.append(margin is not None)
         if any(margins) and not all(margins):
@@ -262,7 +263,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.pad_token_id = tokenizer.pad_token_id
         if self.stats.bad or self.stats.dropped_too_long or self.stats.truncated:
             log.warning("%s: %s", name, self.stats.summary())
-        if tokenizer.unk_token_id is not None and self.stats.unknown_tokens > UNK_WARN_SHARE * self.stats.tokens:
+        if unk is not None and self.stats.unknown_tokens > UNK_WARN_SHARE * self.stats.tokens:
             log.warning("%s: %d of %d tokens (%.0f%%) are the unknown token %r: the tokenizer does not cover this "
                         "text (the built-in 'tiny' one knows only the sorting task's words); set model_name_or_path "
                         "/ tokenizer_name_or_path to a model made for it", name, self.stats.unknown_tokens,

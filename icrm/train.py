@@ -662,14 +662,14 @@ class RewardTrainer(_Trainer):
         tokenizer = processing_class or load_tokenizer(args.tokenizer_name_or_path, model_path)
         if model is None or not isinstance(model, RewardModel):
             model, generator = build_reward_model(args, tokenizer, model or args.model_name_or_path, generator)
-        elif generator is None and args.reg_ratio > 0 and not args.uniform_weights:
+        elif generator is None and args.uses_generator:
             generator = Generator.from_reward_model(model, temperature=args.gen_temperature, backend=args.kernels)
         if train_dataset is None:
             train_dataset = args.train_file
         if eval_dataset is None and args.eval_file:
             eval_dataset = args.eval_file
         super().__init__(model, args, train_dataset, eval_dataset, tokenizer)
-        needs_generator = args.reg_ratio > 0 and not args.uniform_weights
+        needs_generator = args.uses_generator
         self.generator = generator.to(self.device) if (generator is not None and needs_generator) else None
 
     def _loss(self, batch, training: bool):
@@ -787,7 +787,7 @@ def build_reward_model(args: RewardConfig, tokenizer, name_or_path, generator: G
         fit_to_tokenizer(causal_lm, tokenizer)
     else:
         causal_lm = load_causal_lm(name_or_path, tokenizer, seed=args.seed)
-    if generator is None and args.reg_ratio > 0 and not args.uniform_weights:
+    if generator is None and args.uses_generator:
         source = load_causal_lm(args.generator_name_or_path, tokenizer, seed=args.seed) \
             if args.generator_name_or_path else copy.deepcopy(causal_lm)
         generator = Generator(source, temperature=args.gen_temperature, backend=args.kernels)
