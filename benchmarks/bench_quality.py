@@ -35,6 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import QUALITY_BEGIN as README_BEGIN, QUALITY_END as README_END, split_section  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 ARMS = ("bt", "grm", "icrm", "icrm_uniform", "icrm_squared")
@@ -42,7 +45,6 @@ COLUMNS = ("arm", "seed", "train_pairs", "metric", "value", "commit")
 #: Written last for every cell: its presence marks the cell finished.
 DONE_METRIC = "train_s"
 METRICS = ("pair_accuracy", "value_spearman", "value_auroc", "first_error_acc", "bon_accuracy")
-README_BEGIN, README_END = "<!-- quality:begin -->", "<!-- quality:end -->"
 #: Two-sided 95% Student-t quantiles by degrees of freedom (no scipy dependency); 1.96 beyond 30.
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
@@ -321,11 +323,8 @@ def report(out: Path, readme: Path) -> str:
     section = render_section(rows, summary, notes, out.name, plot_path.name)
     if readme.exists():
         text = readme.read_text()
-        if README_BEGIN in text:
-            head, rest = text.split(README_BEGIN, 1)
-            text = head + section + rest.split(README_END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
+        parts = split_section(text, README_BEGIN, README_END)
+        text = parts[0] + section + parts[2] if parts else text.rstrip("\n") + "\n\n" + section + "\n"
         readme.write_text(text)
     print(f"wrote {summary_path}, {plot_path}, section in {readme}")
     return section

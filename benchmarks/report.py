@@ -495,13 +495,21 @@ def _predicted_verdict(rows) -> list[str]:
     return [" ".join(lines), ""] if lines else []
 
 
+def split_section(text: str, begin: str, end: str) -> tuple[str, str, str] | None:
+    """``(before begin, between the markers, after end)`` of ``text``; None unless it has both."""
+    if begin not in text or end not in text:
+        return None
+    head, rest = text.split(begin, 1)
+    body, tail = rest.split(end, 1)
+    return head, body, tail
+
+
 def update_readme(readme: Path, section: str) -> bool:
     """Replace the text between the performance markers of ``readme``; False if it has none."""
-    text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
+    parts = split_section(readme.read_text(), README_BEGIN, README_END)
+    if parts is None:
         return False
-    head, rest = text.split(README_BEGIN, 1)
-    tail = rest.split(README_END, 1)[1]
+    head, _, tail = parts
     readme.write_text(f"{head}{README_BEGIN}\n{section}{README_END}{tail}")
     return True
 
@@ -512,9 +520,9 @@ def main(argv=None) -> int:
     out = results_dir / "README.md"
     text = render(results_dir)
     old = out.read_text() if out.exists() else ""
-    if QUALITY_BEGIN in old and QUALITY_END in old:  # keep bench_quality.py's section
-        text = text.rstrip("\n") + "\n\n" + QUALITY_BEGIN + old.split(QUALITY_BEGIN, 1)[1].split(QUALITY_END, 1)[0] \
-            + QUALITY_END + "\n"
+    quality = split_section(old, QUALITY_BEGIN, QUALITY_END)
+    if quality is not None:  # keep bench_quality.py's section
+        text = text.rstrip("\n") + "\n\n" + QUALITY_BEGIN + quality[1] + QUALITY_END + "\n"
     out.write_text(text)
     print(f"wrote {out}")
     readme = results_dir.resolve().parents[1] / "README.md"
