@@ -528,8 +528,9 @@ def finish_stage(run: Run, stage: str) -> str:
     folder = run.work / stage
     rows = skipped = 0
     for path in sorted(folder.glob("*.csv")):
-        rows += len(_rows(path))
-        skipped += len(report.load(path)[1].get("skipped", []))
+        path_rows, notes = report.load(path)
+        rows += len(path_rows)
+        skipped += len(notes.get("skipped", []))
         try:
             plot.plot_csv(path)
         except Exception as exc:  # a plot that fails must not cost the measured numbers
