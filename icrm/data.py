@@ -282,7 +282,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return self.examples[index]
 
 
-def _pad_rows(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_rows(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids, attention_mask, labels [R, T]``."""
     length = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
@@ -315,7 +315,7 @@ def collate_pairs(examples: list[PreferenceExample], pad_token_id: int, packed: 
     """
     seqs = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
     plens = [e.chosen_prompt_len for e in examples] + [e.rejected_prompt_len for e in examples]
-    batch = _pack_rows(seqs, plens) if packed else _pad_rows(seqs, plens, pad_token_id)
+    batch = _pack_rows(seqs, plens) if packed else pad_rows(seqs, plens, pad_token_id)
     if examples[0].margin is not None:
         batch["margin"] = torch.tensor([float(e.margin) for e in examples])
     return batch
@@ -324,7 +324,7 @@ def collate_pairs(examples: list[PreferenceExample], pad_token_id: int, packed: 
 def collate_sft(examples: list[PreferenceExample], pad_token_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
     """SFT batches: the chosen rows only (padded, or packed with ``packed=True``)."""
     seqs, plens = [e.chosen_ids for e in examples], [e.chosen_prompt_len for e in examples]
-    return _pack_rows(seqs, plens) if packed else _pad_rows(seqs, plens, pad_token_id)
+    return _pack_rows(seqs, plens) if packed else pad_rows(seqs, plens, pad_token_id)
 
 
 def epoch_batches(num_examples: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import read_rows, tokenize_pair
+from .data import pad_rows, read_rows, tokenize_pair
 
 #: The metric names :func:`evaluate_process` and :func:`best_of_n` return.
 PAIR_METRICS = ("pair_accuracy", "value_spearman", "value_auroc", "first_error_acc")
@@ -90,13 +90,8 @@ def word_rewards(rm, tokenizer, items: list[tuple[str, str]], *, max_length: int
             if tokenized is None or tokenized[2]:
                 raise ValueError(f"max_length={max_length} is too short for the prompt + response {prompt!r} -> {response!r}")
             encoded.append(tokenized)
-        length = max(len(ids) for ids, _, _ in encoded)
-        input_ids = torch.full((len(chunk), length), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, (ids, _, _) in enumerate(encoded):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            attention_mask[i, :len(ids)] = 1
-        rewards, _ = rm(input_ids.to(device), attention_mask.to(device))
+        batch = pad_rows([ids for ids, _, _ in encoded], [p for _, p, _ in encoded], tokenizer.pad_token_id)
+        rewards, _ = rm(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         rewards = rewards.float().cpu().numpy()
         for i, ((prompt, response), (_, prompt_len, _)) in enumerate(zip(chunk, encoded)):
             index = [prompt_len - 1] + [prompt_len + j for j in word_end_tokens(tokenizer, response)]
