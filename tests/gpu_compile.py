@@ -16,7 +16,12 @@ that architecture, down to a cubin with the ptxas bundled in Triton's wheel. The
 * a GEMM kernel's fp32 launch (ieee asked) has tf32 instructions in its PTX, or its 16-bit
   launch on sm_90 has no ``wgmma`` (on sm_8x no ``mma.sync``);
 * a tensor pointer offset or a tensor product is 32-bit in the TTIR (index math must be int64:
-  rows * D, cols * D, rows * V pass 2^31).
+  rows * D, cols * D, rows * V pass 2^31);
+* a GEMM launch whose ``D`` the binder specialised as divisible by 16 (every real model) is not
+  software-pipelined: no async copies (``cp.async`` / TMA) in its TTGIR, or, 16-bit on sm_90, a
+  ``warp_group_dot`` that is not async or no ``wgmma.wait_group`` that leaves a group in flight
+  (``wait_group 0`` only: every K step waits for its MMA). A branch inside a K loop (the
+  ``if live`` of the old dgrad kernel) breaks pipelining and fails here.
 
 This proves nothing about numerics (the ``interpret`` and ``cuda`` tests do that). Needs
 ``TRITON_INTERPRET`` unset, so it runs as a subprocess (tests/test_gpu_compile.py). Works with
@@ -104,8 +109,25 @@ def ptxas_report(ptx: str, capability: int) -> dict:
     return {"registers": int(regs.group(1)) if regs else 0, "spill": sum(spills), "static_smem": int(smem.group(1)) if smem else 0}
 
 
-def check_launch(name, gemm, signature, kernel, capability, arch):
-    """``(failures, ptxas report, shared bytes)`` of one compiled launch (no failures: fine)."""
+def pipelining_problems(kernel, capability, operand) -> list[str]:
+    """Why a GEMM launch's K loops are not software-pipelined (none: pipelined)."""
+    ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+    problems = []
+    if "async_copy_global_to_local" not in ttgir and "async_tma_copy" not in ttgir:
+        problems.append("no async copies (cp.async / TMA) in the TTGIR: the K loop is not pipelined")
+    if capability >= 90 and operand in ("*fp16", "*bf16"):
+        dots = re.findall(r"warp_group_dot [^\n]*", ttgir)
+        sync = [d for d in dots if "isAsync = true" not in d]
+        if sync:
+            problems.append(f"{len(sync)} of {len(dots)} warp_group_dot ops are synchronous")
+        if not any(int(n) > 0 for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)):
+            problems.append("wgmma.wait_group 0 only: every K step waits for its MMA")
+    return problems
+
+
+def check_launch(name, gemm, signature, kernel, capability, arch, aligned=False):
+    """``(failures, ptxas report, shared bytes)`` of one compiled launch (no failures: fine).
+    ``aligned``: the launch's ``D`` is specialised as divisible by 16 (pipelining is required)."""
     problems = []
     report = ptxas_report(kernel.asm["ptx"], capability)
     shared = kernel.metadata.shared + report["static_smem"]
@@ -124,6 +146,8 @@ def check_launch(name, gemm, signature, kernel, capability, arch):
         mma = "wgmma" if capability >= 90 else "mma.sync"
         if operand in ("*fp16", "*bf16") and mma not in ptx:
             problems.append(f"16-bit GEMM without {mma}")
+        if aligned:
+            problems += pipelining_problems(kernel, capability, operand)
     ttir = kernel.asm["ttir"]
     narrow_ptr = re.findall(r"tt\.addptr %\S+, %\S+ : tensor<[^>]*>, tensor<[0-9x]+xi32>", ttir)
     narrow_mul = re.findall(r"arith\.muli [^\n]*: tensor<[0-9x]+xi32>", ttir)
@@ -198,7 +222,10 @@ def main(op, archs):
                 kernel = triton.compile(ASTSource(recorder.fn, signature, constexprs, attrs), target=target, options=options.__dict__)
                 compiled += 1
                 name = recorder.fn.__name__
-                problems, report, shared = check_launch(name, name in gemm_kernels, signature, kernel, capability, arch)
+                d_index = recorder.fn.arg_names.index("D") if "D" in recorder.fn.arg_names else None
+                aligned = d_index is not None and ["tt.divisibility", 16] in attrs.get((d_index,), [])
+                problems, report, shared = check_launch(name, name in gemm_kernels, signature, kernel, capability, arch,
+                                                        aligned)
                 dtype = next(t for t in signature.values() if t.startswith("*"))[1:]
                 line = (f"{arch} {recorder.fn.__name__} ({dtype}, warps={options.num_warps}, stages={options.num_stages}): "
                         f"{report['registers']} regs, {report['spill']} B spill, {shared} B shared")

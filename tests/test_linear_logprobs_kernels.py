@@ -351,7 +351,9 @@ def test_backward_paths_three_way(monkeypatch, dtype, path):
 @pytest.mark.interpret
 def test_filter_skips_tiles_and_off_switch(monkeypatch):
     """With a peaked distribution the filter clears flags; with it off only all-zero tiles
-    (ignored rows) are skipped, and with the threshold huge only target tiles stay live."""
+    (ignored rows) are skipped. A target never makes its tile live (the one-hot term is added
+    from the sorted target rows): with the threshold huge only tiles holding a softmax entry
+    >= 0.9 stay live, and the gradients of the target rows in dead tiles are still exact."""
     monkeypatch.setattr(kernels, "_ROW_CHUNK", 10_000)
     flags = []
     real_empty = kernels._empty
@@ -365,22 +367,30 @@ def test_filter_skips_tiles_and_off_switch(monkeypatch):
     monkeypatch.setattr(kernels, "_empty", spy)
     inputs, targets = make_inputs(48, 32, 320, torch.float32, value=False, ignore=range(32, 48), seed=2)
     # Trained-LM-like: the mass sits on a few frequent tokens (the first tile, through the bias),
-    # and so do the targets; targets of the second row block sit in tiles 0 and 3.
+    # and so do the targets; targets of the second row block also sit in tile 3 (dead).
     inputs["bias"] = torch.where(torch.arange(320) < 32, 0.0, -25.0).double()
     targets[:32] = torch.arange(32) % 32
     targets[16:20] = torch.tensor([96, 97, 100, 127])
-    live = {}
+    live, grads = {}, {}
     for eps in (None, 1e-3, 0.9):
         flags.clear()
-        run(inputs, targets, torch.float32, "triton", ("hidden", "weight"), grad_filter_eps=eps)
+        grads[eps] = run(inputs, targets, torch.float32, "triton", ("hidden", "weight"), grad_filter_eps=eps)
         live[eps] = flags[-1].clone()
-    assert live[None].shape == (3, 10)
-    assert live[None][:2].all() and not live[None][2].any(), "off: every tile of a valid row block is live"
-    expected = torch.zeros(3, 10, dtype=torch.bool)
-    expected[:2, 0] = True
-    expected[1, 3] = True
-    assert torch.equal(live[1e-3].bool(), expected)
-    assert torch.equal(live[0.9].bool(), expected), "eps 0.9: only tiles with a one-hot entry (or p > 0.9)"
+    # The 16 ignored rows never reach the kernels (the op passes only rows with a target).
+    assert live[None].shape == (2, 10)
+    assert live[None].all(), "off: every tile of a valid row block is live"
+    expected = torch.zeros(2, 10, dtype=torch.bool)
+    expected[:, 0] = True
+    assert torch.equal(live[1e-3].bool(), expected), "1e-3: only the tile holding the mass; tile 3's targets do not count"
+    h, w, b = (inputs[k] for k in ("hidden", "weight", "bias"))
+    p = torch.softmax(h @ w.T + b, dim=1)
+    valid = targets != -100
+    peak = (p[valid].reshape(32, 10, 32) >= 0.9).any(2)
+    assert torch.equal(live[0.9].bool(), peak.reshape(2, 16, 10).any(1)), "0.9: tiles with an entry >= 0.9 only"
+    gold = run(inputs, targets, torch.float64, "reference", ("hidden", "weight"))
+    for row in (96, 97, 100, 127):  # their whole gradient is the one-hot term (p there ~ e^-25)
+        assert torch.allclose(grads[1e-3]["d_weight"][row].double(), gold["d_weight"][row], atol=1e-5), row
+        assert gold["d_weight"][row].abs().max() > 0.1, row
 
 
 @pytest.mark.interpret
@@ -500,11 +510,11 @@ def test_vocab_parallel_contract():
     gold_logp = ref.linear_logprobs_reference(*leaves[:2], targets, leaves[2], temperature, softcap, ignore)
     gold = torch.autograd.grad((gold_logp * g).sum(), leaves)
     d_hidden = torch.zeros(n, d, dtype=torch.float64)
+    kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore, needs=(True, True, True, False, False))
     for start, cols in shards:
         dh, dw, db, dvw, dvb = kernels.backward_launch(
             g.float(), None, h.float(), w[cols].float(), b[cols].float(), targets, None, lse_global,
-            temperature=temperature, softcap=softcap, ignore_index=ignore, vocab_start=start,
-            needs=(True, True, True, False, False), grad_filter_eps=None,
+            vocab_start=start, grad_filter_eps=None, **kw,
         )
         assert dvw is None and dvb is None
         d_hidden += dh.double()

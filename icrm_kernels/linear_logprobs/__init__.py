@@ -102,28 +102,42 @@ def _run(hidden, weight, targets, bias, value_weight, value_bias, temperature, s
     targets1d = targets.reshape(-1).to(torch.int64)
     temperature, softcap = float(temperature), None if softcap is None else float(softcap)
     resolved = _dispatch.select_backend(backend, hidden, weight)
+    args = (temperature, softcap, ignore_index, resolved, grad_filter_eps, process_group, compiling)
+    live = None if compiling else (targets1d != ignore_index).nonzero().squeeze(1)
+    if live is None or live.shape[0] == targets1d.shape[0]:
+        logp, rewards = _vocab_op(hidden2d, weight, targets1d, bias, value_weight, value_bias, *args)
+    else:
+        # Rows without a target skip the vocabulary: the LM-head GEMMs, forward and backward, run
+        # on the rows that carry one (the rejected rows and prompt tokens of a reward-model step
+        # are 50-75% of them); the reward, a [D] dot product, is computed for every row.
+        logp_live, _ = _vocab_op(hidden2d.index_select(0, live), weight, targets1d.index_select(0, live), bias,
+                                 None, None, *args)
+        logp = logp_live.new_zeros(targets1d.shape).index_copy(0, live, logp_live)
+        rewards = None if value_weight is None else rewards_reference(hidden2d, value_weight, value_bias)
+    return logp.reshape(lead), None if rewards is None else rewards.reshape(lead)
+
+
+def _vocab_op(hidden2d, weight, targets1d, bias, value_weight, value_bias, temperature, softcap, ignore_index,
+              resolved, grad_filter_eps, process_group, compiling):
+    """The resolved implementation on ``hidden2d [N, D]``: ``(logp [N], rewards [N] or None)``."""
     if process_group is not None:
         from .parallel import vocab_parallel_linear_logprobs
 
-        logp, rewards = vocab_parallel_linear_logprobs(hidden2d, weight, targets1d, bias, value_weight, value_bias,
-                                                       temperature, softcap, ignore_index, process_group, resolved,
-                                                       grad_filter_eps)
-    elif compiling:
+        return vocab_parallel_linear_logprobs(hidden2d, weight, targets1d, bias, value_weight, value_bias,
+                                              temperature, softcap, ignore_index, process_group, resolved,
+                                              grad_filter_eps)
+    if compiling:
         from .._custom_ops import linear_logprobs_op
 
-        logp, rewards = linear_logprobs_op(hidden2d, weight, targets1d, bias, value_weight, value_bias, temperature,
-                                           softcap, ignore_index, resolved, grad_filter_eps)
-    elif resolved == "triton":
+        return linear_logprobs_op(hidden2d, weight, targets1d, bias, value_weight, value_bias, temperature,
+                                  softcap, ignore_index, resolved, grad_filter_eps)
+    if resolved == "triton":
         from .kernels import linear_logprobs_triton
 
-        logp, rewards = linear_logprobs_triton(
-            hidden2d, weight, targets1d, bias, value_weight, value_bias, temperature, softcap, ignore_index,
-            grad_filter_eps,
-        )
-    else:
-        logp = linear_logprobs_auto_reference(hidden2d, weight, targets1d, bias, temperature, softcap, ignore_index)
-        rewards = None if value_weight is None else rewards_reference(hidden2d, value_weight, value_bias)
-    return logp.reshape(lead), None if rewards is None else rewards.reshape(lead)
+        return linear_logprobs_triton(hidden2d, weight, targets1d, bias, value_weight, value_bias, temperature,
+                                      softcap, ignore_index, grad_filter_eps)
+    logp = linear_logprobs_auto_reference(hidden2d, weight, targets1d, bias, temperature, softcap, ignore_index)
+    return logp, None if value_weight is None else rewards_reference(hidden2d, value_weight, value_bias)
 
 
 def linear_logprobs(

@@ -156,22 +156,27 @@ def _logit_tile(
     hidden_ptr, weight_ptr, bias_ptr, value_weight_ptr,
     rows, cols, row_mask, col_mask, D,
     inv_temperature, softcap, reward_acc, add_reward,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_VALUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_VALUE: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Logits ``z [BLOCK_M, BLOCK_N]`` (fp32, -inf on columns >= V), the tanh of the softcap (for
     the backward chain; 0 without softcap) and ``reward_acc`` plus ``hidden[rows] @ value_weight``
-    when ``add_reward``."""
+    when ``add_reward``. ``EVEN_D`` (BLOCK_K divides D): the K loop loads with the row / column
+    masks only, no per-step dims mask."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_K):
         dims = d0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        dim_mask = dims < D
-        h = tl.load(hidden_ptr + rows[:, None] * D + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-        w = tl.load(weight_ptr + cols[:, None] * D + dims[None, :], mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
+        if EVEN_D:
+            h = tl.load(hidden_ptr + rows[:, None] * D + dims[None, :], mask=row_mask[:, None], other=0.0)
+            w = tl.load(weight_ptr + cols[:, None] * D + dims[None, :], mask=col_mask[:, None], other=0.0)
+        else:
+            dim_mask = dims < D
+            h = tl.load(hidden_ptr + rows[:, None] * D + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+            w = tl.load(weight_ptr + cols[:, None] * D + dims[None, :], mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
         if HAS_VALUE:
             if add_reward:
-                vw = tl.load(value_weight_ptr + dims, mask=dim_mask, other=0.0).to(tl.float32)
+                vw = tl.load(value_weight_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)
                 reward_acc += tl.sum(h.to(tl.float32) * vw[None, :], axis=1)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -191,7 +196,7 @@ def _forward_kernel(
     split_lse_ptr, target_logit_ptr, tile_max_ptr, rewards_ptr,
     N, V, D, vocab_start, ignore_index, inv_temperature, softcap, grid_m, num_splits, total_tiles,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_VALUE: tl.constexpr, HAS_VALUE_BIAS: tl.constexpr,
-    STORE_TILE_MAX: tl.constexpr,
+    STORE_TILE_MAX: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -220,7 +225,7 @@ def _forward_kernel(
         z, _, reward = _logit_tile(
             hidden_ptr, weight_ptr, bias_ptr, value_weight_ptr, rows, cols, row_mask, col_mask, D,
             inv_temperature, softcap, reward, t == 0,
-            HAS_BIAS, HAS_SOFTCAP, HAS_VALUE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            HAS_BIAS, HAS_SOFTCAP, HAS_VALUE, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )
         tile_max = tl.max(z, axis=1)
         if STORE_TILE_MAX:
@@ -273,15 +278,18 @@ def _merge_kernel(
 
 @triton.jit
 def _dlogits_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr, tile_max_ptr, dx_ptr, live_ptr,
-    row0, rows_in_chunk, vocab0, vocab_in_chunk, dx_stride, total_tiles, D, vocab_start, ignore_index,
+    hidden_ptr, weight_ptr, bias_ptr, lse_ptr, grad_ptr, valid_ptr, tile_max_ptr, dx_ptr, live_ptr,
+    row0, rows_in_chunk, vocab0, vocab_in_chunk, dx_stride, total_tiles, D,
     inv_temperature, softcap, filter_eps, log_eps, grid_m, grid_n,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TILE_MAX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TILE_MAX: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """``dx`` of one (row block, vocab tile) of the chunk into the workspace (only when live) and
-    the tile's ``live`` flag. Chunk coordinates: rows ``row0 + local``, vocab ``vocab0 + cl``."""
+    """The softmax part ``dx = -g p / T (1 - tanh^2)`` of one (row block, vocab tile) of the chunk
+    into the workspace (only when live) and the tile's ``live`` flag. The one-hot term of the
+    targets is not here: ``_dgrad_kernel`` adds it from the sorted target rows, so a target never
+    makes a tile live. Chunk coordinates: rows ``row0 + local``, vocab ``vocab0 + cl``.
+    ``valid [N]`` (uint8): the row has a target and a nonzero upstream gradient."""
     row_block, tile = _grouped(tl.program_id(0), grid_m, grid_n, GROUP_M)
     local = row_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = local < rows_in_chunk
@@ -289,39 +297,34 @@ def _dlogits_kernel(
     cl = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cl < vocab_in_chunk
     cols = vocab0 + cl
-    targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
-    valid = row_mask & (targets != ignore_index)
+    valid = tl.load(valid_ptr + rows, mask=row_mask, other=0) != 0
     g = tl.where(valid, tl.load(grad_ptr + rows, mask=row_mask, other=0.0).to(tl.float32), 0.0)
-    valid = valid & (g != 0.0)
     live = tl.max(valid.to(tl.int32), axis=0) * 0
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     maybe = valid
     if TILE_MAX:
         # Every softmax entry of a row is at most exp(t - lse), t its saved (fp16) tile maximum,
-        # raised by the fp16 rounding; below eps (or underflowing to 0 with no filter) and no
-        # target in the tile, the row adds nothing here. NaNs and an overflowed -inf recompute.
+        # raised by the fp16 rounding; below eps (or underflowing to 0 with no filter) the row
+        # adds nothing here. NaNs and an overflowed -inf recompute.
         t = tl.load(tile_max_ptr + rows * total_tiles + vocab0 // BLOCK_N + tile, mask=row_mask,
                     other=float("-inf")).to(tl.float32)
         bound = t + tl.abs(t) * 0.0009765625 + 0.00006103515625 - lse
-        local_target = targets - vocab_start - vocab0 - tile.to(tl.int64) * BLOCK_N
-        has_target = (local_target >= 0) & (local_target < BLOCK_N) & (local_target < vocab_in_chunk - tile.to(tl.int64) * BLOCK_N)
-        maybe = valid & ((bound >= log_eps) | has_target | (lse != lse) | (t != t) | (t == float("-inf")))
+        maybe = valid & ((bound >= log_eps) | (lse != lse) | (t != t) | (t == float("-inf")))
     # Ignored rows, rows without upstream gradient and (TILE_MAX) rows below the filter add nothing.
     if tl.max(maybe.to(tl.int32), axis=0) > 0:
         z, tanh, _ = _logit_tile(
             hidden_ptr, weight_ptr, bias_ptr, hidden_ptr, rows, cols, row_mask, col_mask, D,
             inv_temperature, softcap, g, False,
-            HAS_BIAS, HAS_SOFTCAP, False, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            HAS_BIAS, HAS_SOFTCAP, False, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )
-        dz = tl.where(cols[None, :] + vocab_start == targets[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None])
-        dx = g[:, None] * dz * inv_temperature
+        p = tl.exp(z - lse[:, None])
+        dx = -g[:, None] * p * inv_temperature
         if HAS_SOFTCAP:
             dx = dx * (1.0 - tanh * tanh)
         in_tile = valid[:, None] & col_mask[None, :]
         dx = tl.where(in_tile, dx, 0.0)
-        adz = tl.abs(dz)
-        # Live: an entry above the filter (eps = 0: any nonzero entry), or a NaN to propagate.
-        keep = (in_tile & (adz >= filter_eps) & (adz > 0.0)) | (dx != dx)
+        # Live: a softmax entry at or above the filter (eps = 0: any nonzero one), or a NaN.
+        keep = (in_tile & (p >= filter_eps) & (p > 0.0)) | (dx != dx)
         live = tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0)
         if live > 0:
             tl.store(dx_ptr + local[:, None] * dx_stride + cl[None, :], dx.to(dx_ptr.dtype.element_ty),
@@ -331,42 +334,63 @@ def _dlogits_kernel(
 
 @triton.jit
 def _dweight_part(
-    pid, dx_ptr, live_ptr, hidden_ptr, d_weight_ptr, d_bias_ptr,
+    pid, dx_ptr, hidden_ptr, d_weight_ptr, d_bias_ptr, live_rows_ptr, live_count_ptr,
+    sorted_rows_ptr, sorted_coef_ptr, sorted_col_ptr, segments_ptr,
     row0, rows_in_chunk, vocab0, vocab_in_chunk, dx_stride, D, vocab_tiles, dim_blocks, row_blocks,
     ACCUMULATE: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr, FLAG_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """``d_weight[tile, dims] (+)= dx[:, tile]^T @ hidden[chunk, dims]`` and (dims block 0)
-    ``d_bias[tile] (+)= sum_rows dx[:, tile]``, a fp32 sum over the chunk's live row blocks in
-    order (``FLAG_M`` rows, the dlogits' row block; BLOCK_K divides it). BLOCK_M is the
-    dlogits' vocab tile. Not ACCUMULATE: always stored (zeros when nothing is live);
-    ACCUMULATE: loaded, added and stored only when some row block is live."""
+    """``d_weight[tile, dims] (+)= dx[:, tile]^T @ hidden[chunk, dims] + onehot^T @ hidden`` and
+    (dims block 0) ``d_bias[tile] (+)= sum_rows (dx + onehot)[:, tile]``, a fp32 sum rounded once.
+
+    The K loop walks only the live row blocks of the tile (``live_rows [tile, :live_count[tile]]``,
+    ascending: the fixed order of a deterministic sum), ``FLAG_M / BLOCK_K`` steps each, with no
+    branch inside, so Triton pipelines it (async copies, async wgmma). Then the one-hot term:
+    the rows whose target lies in this tile, ``segments[tile] .. segments[tile + 1]`` of the
+    rows sorted by target (``sorted_rows``, coefficient ``g / T (1 - tanh_y^2)``, target column).
+    BLOCK_M is the dlogits' vocab tile. Not ACCUMULATE: always stored (zeros when nothing is
+    live); ACCUMULATE: loaded, added and stored only when something was added."""
     tile, dim_block = _grouped(pid, vocab_tiles, dim_blocks, GROUP_M)
     cl = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_mask = cl < vocab_in_chunk
     cols = vocab0 + cl
     dims = dim_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dim_mask = dims < D
+    STEPS: tl.constexpr = FLAG_M // BLOCK_K
     # Without d_weight only the dims-block-0 programs have work (d_bias).
     if dim_block < (dim_blocks if NEED_WEIGHT else 1):
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         bias_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        any_live = 0
-        for r0 in range(0, row_blocks * FLAG_M, BLOCK_K):
-            if tl.load(live_ptr + (r0 // FLAG_M) * vocab_tiles + tile) != 0:
-                any_live = 1
-                local = r0 + tl.arange(0, BLOCK_K).to(tl.int64)
-                row_mask = local < rows_in_chunk
-                dx = tl.load(dx_ptr + local[:, None] * dx_stride + cl[None, :],
-                             mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-                if NEED_WEIGHT:
-                    h = tl.load(hidden_ptr + (row0 + local)[:, None] * D + dims[None, :],
-                                mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-                    acc = tl.dot(tl.trans(dx), h, acc, input_precision=DOT_PRECISION)
-                if NEED_BIAS:
-                    bias_acc += tl.sum(dx.to(tl.float32), axis=0)
-        if any_live + (0 if ACCUMULATE else 1) > 0:
+        count = tl.load(live_count_ptr + tile)
+        for i in range(0, count * STEPS):
+            rb = tl.load(live_rows_ptr + tile * row_blocks + i // STEPS)
+            local = rb.to(tl.int64) * FLAG_M + (i % STEPS) * BLOCK_K + tl.arange(0, BLOCK_K)
+            row_mask = local < rows_in_chunk
+            dx = tl.load(dx_ptr + local[:, None] * dx_stride + cl[None, :],
+                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            if NEED_WEIGHT:
+                h = tl.load(hidden_ptr + (row0 + local)[:, None] * D + dims[None, :],
+                            mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+                acc = tl.dot(tl.trans(dx), h, acc, input_precision=DOT_PRECISION)
+            if NEED_BIAS:
+                bias_acc += tl.sum(dx.to(tl.float32), axis=0)
+        seg_start = tl.load(segments_ptr + tile)
+        seg_end = tl.load(segments_ptr + tile + 1)
+        for j in range(seg_start, seg_end, BLOCK_K):
+            idx = j + tl.arange(0, BLOCK_K)
+            in_seg = idx < seg_end
+            rows = tl.load(sorted_rows_ptr + idx, mask=in_seg, other=0).to(tl.int64)
+            coef = tl.load(sorted_coef_ptr + idx, mask=in_seg, other=0.0)
+            col = tl.load(sorted_col_ptr + idx, mask=in_seg, other=-1)
+            onehot = tl.where(cols[:, None] == col[None, :], coef[None, :], 0.0)  # [vocab, rows]
+            if NEED_WEIGHT:
+                h = tl.load(hidden_ptr + rows[:, None] * D + dims[None, :],
+                            mask=in_seg[:, None] & dim_mask[None, :], other=0.0)
+                acc = tl.dot(onehot.to(h.dtype), h, acc, input_precision=DOT_PRECISION)
+            if NEED_BIAS:
+                bias_acc += tl.sum(onehot, axis=1)
+        if (count + seg_end - seg_start) + (0 if ACCUMULATE else 1) > 0:
             if NEED_WEIGHT:
                 out = d_weight_ptr + cols[:, None] * D + dims[None, :]
                 out_mask = col_mask[:, None] & dim_mask[None, :]
@@ -382,41 +406,51 @@ def _dweight_part(
 
 @triton.jit
 def _dhidden_part(
-    pid, dx_ptr, live_ptr, weight_ptr, grad_rewards_ptr, value_weight_ptr, d_hidden_ptr,
+    pid, dx_ptr, weight_ptr, grad_rewards_ptr, value_weight_ptr, d_hidden_ptr, live_tiles_ptr, live_count_ptr,
+    row_coef_ptr, row_target_ptr,
     row0, rows_in_chunk, vocab0, vocab_in_chunk, dx_stride, D, row_blocks, dim_blocks, vocab_tiles,
     ACCUMULATE: tl.constexpr, HAS_REWARD_GRAD: tl.constexpr, FLAG_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """``d_hidden[rows, dims] (+)= dx[rows, chunk] @ weight[chunk, dims]``, a fp32 sum over the
-    chunk's live vocab tiles in order (``FLAG_N`` wide, the dlogits' tile; BLOCK_K divides it).
-    Not ACCUMULATE: stored with ``g_r * value_weight`` added; ACCUMULATE: loaded, added and
-    stored only when some tile is live."""
+    row block's live tiles of the chunk (``live_tiles [row_block, :live_count[row_block]]``,
+    ascending; ``FLAG_N / BLOCK_K`` steps each; no branch in the loop: pipelined). Not
+    ACCUMULATE (the store that first writes these rows): plus the one-hot term
+    ``coef * weight[target, dims]`` (a row gather; ``row_target`` is the local target row of
+    the weight or -1) and ``g_r * value_weight``. ACCUMULATE: loaded, added and stored only
+    when some tile is live."""
     row_block, dim_block = _grouped(pid, row_blocks, dim_blocks, GROUP_M)
     local = row_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = local < rows_in_chunk
     dims = dim_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dim_mask = dims < D
+    STEPS: tl.constexpr = FLAG_N // BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    any_live = 0
-    for k0 in range(0, vocab_tiles * FLAG_N, BLOCK_K):
-        if tl.load(live_ptr + row_block * vocab_tiles + k0 // FLAG_N) != 0:
-            any_live = 1
-            cl = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            col_mask = cl < vocab_in_chunk
-            dx = tl.load(dx_ptr + local[:, None] * dx_stride + cl[None, :],
-                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-            w = tl.load(weight_ptr + (vocab0 + cl)[:, None] * D + dims[None, :],
-                        mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
-            acc = tl.dot(dx, w, acc, input_precision=DOT_PRECISION)
+    count = tl.load(live_count_ptr + row_block)
+    for i in range(0, count * STEPS):
+        vt = tl.load(live_tiles_ptr + row_block * vocab_tiles + i // STEPS)
+        cl = vt.to(tl.int64) * FLAG_N + (i % STEPS) * BLOCK_K + tl.arange(0, BLOCK_K)
+        col_mask = cl < vocab_in_chunk
+        dx = tl.load(dx_ptr + local[:, None] * dx_stride + cl[None, :],
+                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        w = tl.load(weight_ptr + (vocab0 + cl)[:, None] * D + dims[None, :],
+                    mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
+        acc = tl.dot(dx, w, acc, input_precision=DOT_PRECISION)
     rows = row0 + local
     out = d_hidden_ptr + rows[:, None] * D + dims[None, :]
     out_mask = row_mask[:, None] & dim_mask[None, :]
     if ACCUMULATE:
-        if any_live > 0:
+        if count > 0:
             acc += tl.load(out, mask=out_mask, other=0.0).to(tl.float32)
             tl.store(out, acc.to(d_hidden_ptr.dtype.element_ty), mask=out_mask)
     else:
+        target = tl.load(row_target_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+        coef = tl.load(row_coef_ptr + rows, mask=row_mask, other=0.0)
+        has_target = target >= 0
+        w_target = tl.load(weight_ptr + target[:, None] * D + dims[None, :],
+                           mask=has_target[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+        acc += coef[:, None] * w_target
         if HAS_REWARD_GRAD:
             g_r = tl.load(grad_rewards_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
             value_weight = tl.load(value_weight_ptr + dims, mask=dim_mask, other=0.0).to(tl.float32)
@@ -426,8 +460,10 @@ def _dhidden_part(
 
 @triton.jit
 def _dgrad_kernel(
-    dx_ptr, live_ptr, hidden_ptr, weight_ptr, grad_rewards_ptr, value_weight_ptr,
+    dx_ptr, hidden_ptr, weight_ptr, grad_rewards_ptr, value_weight_ptr,
     d_hidden_ptr, d_weight_ptr, d_bias_ptr,
+    live_tiles_ptr, tile_count_ptr, live_rows_ptr, row_count_ptr,
+    sorted_rows_ptr, sorted_coef_ptr, sorted_col_ptr, segments_ptr, row_coef_ptr, row_target_ptr,
     row0, rows_in_chunk, vocab0, vocab_in_chunk, dx_stride, D, row_blocks, vocab_tiles,
     pid_offset, dweight_programs, dw_dim_blocks, dh_dim_blocks,
     NEED_HIDDEN: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr,
@@ -445,14 +481,16 @@ def _dgrad_kernel(
     if pid < dweight_programs:
         if NEED_WEIGHT or NEED_BIAS:
             _dweight_part(
-                pid, dx_ptr, live_ptr, hidden_ptr, d_weight_ptr, d_bias_ptr,
+                pid, dx_ptr, hidden_ptr, d_weight_ptr, d_bias_ptr, live_rows_ptr, row_count_ptr,
+                sorted_rows_ptr, sorted_coef_ptr, sorted_col_ptr, segments_ptr,
                 row0, rows_in_chunk, vocab0, vocab_in_chunk, dx_stride, D, vocab_tiles, dw_dim_blocks, row_blocks,
                 ACC_WEIGHT, NEED_WEIGHT, NEED_BIAS, FLAG_M, DOT_PRECISION, FLAG_N, DW_BLOCK_N, DW_BLOCK_K, DW_GROUP_M,
             )
     else:
         if NEED_HIDDEN:
             _dhidden_part(
-                pid - dweight_programs, dx_ptr, live_ptr, weight_ptr, grad_rewards_ptr, value_weight_ptr, d_hidden_ptr,
+                pid - dweight_programs, dx_ptr, weight_ptr, grad_rewards_ptr, value_weight_ptr, d_hidden_ptr,
+                live_tiles_ptr, tile_count_ptr, row_coef_ptr, row_target_ptr,
                 row0, rows_in_chunk, vocab0, vocab_in_chunk, dx_stride, D, row_blocks, dh_dim_blocks, vocab_tiles,
                 ACC_HIDDEN, HAS_REWARD_GRAD, FLAG_N, DOT_PRECISION, FLAG_M, DH_BLOCK_N, DH_BLOCK_K, DH_GROUP_M,
             )
@@ -487,6 +525,9 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 #: Private test overrides of the plan (None: the plan's own choice): the backward's row chunk
 #: or vocab chunk (forcing that axis), and saving the row maxima on or off.
 _ROW_CHUNK: int | None = None
+#: Rows per step of the backward's fp32 recompute of the target logits (softcap chain): the
+#: gathered weight rows take at most this x D x 4 bytes.
+_TARGET_LOGIT_ROWS = 4096
 _VOCAB_CHUNK: int | None = None
 _TILE_MAX: bool | None = None
 
@@ -571,7 +612,7 @@ def forward_launch(hidden2d, weight, bias, targets, value_weight, value_bias, *,
             fwd.grid_m, splits, fwd.k_total,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             HAS_VALUE=value_weight is not None, HAS_VALUE_BIAS=value_bias is not None,
-            STORE_TILE_MAX=tile_max is not None,
+            STORE_TILE_MAX=tile_max is not None, EVEN_D=d % fwd.config.block_k == 0,
             **_meta(fwd, DOT_PRECISION=_dot_precision(hidden.dtype)),
         )
         _merge_kernel[merge.grid](
@@ -579,6 +620,48 @@ def forward_launch(hidden2d, weight, bias, targets, value_weight, value_bias, *,
             BLOCK=merge.config.block_m, num_warps=merge.config.num_warps,
         )
     return logp, rewards, lse
+
+
+def _live_lists(live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``live [M, K]`` flags -> ``(lists [M, K] int32, counts [M] int32)``: row ``m`` of ``lists``
+    starts with the live K indices of ``m`` in ascending order (``counts[m]`` of them), so the
+    dgrad K loops walk only live tiles, in the order of a deterministic sum."""
+    dead = (live == 0).to(torch.uint8).contiguous()
+    lists = torch.sort(dead, dim=1, stable=True).indices.to(torch.int32).contiguous()
+    return lists, (1 - dead).sum(1, dtype=torch.int32)
+
+
+def _onehot_rows(hidden, weight, bias, targets, g, *, vocab_start, ignore_index, temperature, softcap, row_chunk):
+    """The one-hot part of the logit gradient, ``dx[i, y_i] += coef_i``, handled apart from the
+    tiles (a target never makes its tile live). Returns ``valid [N] uint8`` (the row adds a
+    softmax term: a target and a nonzero upstream gradient), ``row_target [N] int32`` (the
+    target's row of this weight, -1 when ignored, outside this shard or without gradient),
+    ``coef [N] fp32`` (``g / T * (1 - tanh(x_y / c)^2)``: the softcap's chain at the target
+    logit ``x_y = hidden . weight[y] + bias[y]``, recomputed in fp32 in row chunks of at most
+    ``_TARGET_LOGIT_ROWS`` x D) and the rows sorted by ``(row chunk, row_target)`` for the
+    dweight role: ``(keys, rows, coef, col)``; ``row_chunk``: rows per backward row chunk."""
+    n, v = targets.shape[0], weight.shape[0]
+    valid = (targets != ignore_index) & (g != 0)
+    local = targets - vocab_start
+    owned = valid & (local >= 0) & (local < v)
+    row_target = torch.where(owned, local, -1).to(torch.int32)
+    coef = g / temperature
+    if softcap is not None:
+        safe = local.clamp(0, v - 1)
+        x = torch.empty(n, dtype=torch.float32, device=g.device)
+        for r0 in range(0, n, _TARGET_LOGIT_ROWS):
+            rows = slice(r0, r0 + _TARGET_LOGIT_ROWS)
+            x[rows] = (hidden[rows].float() * weight.index_select(0, safe[rows]).float()).sum(1)
+        if bias is not None:
+            x += bias.float().index_select(0, safe)
+        tanh = torch.tanh(x / softcap)
+        coef = coef * (1.0 - tanh * tanh)
+    coef = torch.where(owned, coef, torch.zeros((), device=g.device))
+    chunk_of_row = torch.arange(n, device=targets.device) // row_chunk
+    big = torch.iinfo(torch.int64).max
+    keys = torch.where(owned, chunk_of_row * (v + 1) + local, big)
+    keys, order = torch.sort(keys, stable=True)
+    return valid.to(torch.uint8), row_target, coef, (keys, order.to(torch.int32), coef[order], row_target[order])
 
 
 def backward_launch(grad_logp, grad_rewards, hidden2d, weight, bias, targets, value_weight, lse, *,
@@ -609,7 +692,10 @@ def backward_launch(grad_logp, grad_rewards, hidden2d, weight, bias, targets, va
         grad_rewards = grad_rewards.contiguous().to(torch.float32)
     if n > 0 and (need_hidden or need_weight or need_bias):
         p = launch_plan_for(hidden, weight)
-        grad_logp = torch.zeros(n, dtype=torch.float32, device=device) if grad_logp is None else grad_logp.contiguous()
+        g = torch.zeros(n, dtype=torch.float32, device=device) if grad_logp is None else grad_logp.contiguous().float()
+        valid, row_target, row_coef, (keys, sorted_rows, sorted_coef, sorted_col) = _onehot_rows(
+            hidden, weight, bias, targets, g, vocab_start=vocab_start, ignore_index=ignore_index,
+            temperature=temperature, softcap=softcap, row_chunk=p.row_chunk)
         k1, _ = p.backward
         dx = _empty((min(p.row_chunk, n), v) if p.backward_axis == "rows" else (n, min(p.vocab_chunk, v)), dtype, device)
         live = _empty((k1.grid_m, k1.grid_n), torch.uint8, device)
@@ -618,27 +704,36 @@ def backward_launch(grad_logp, grad_rewards, hidden2d, weight, bias, targets, va
         # exp(x) of fp32 is 0 below about -103.3: with no filter a tile below that adds nothing.
         log_eps = math.log(eps) if eps > 0 else -104.0
         use_tile_max = tile_max is not None and p.tile_max_bytes > 0
+        flag_n = k1.config.block_n
         for start, size in p.chunks:
             k1, dgrad = p.backward_launches(start, size)
+            chunk_live = live.view(-1)[: k1.grid_m * k1.grid_n].view(k1.grid_m, k1.grid_n)
             _dlogits_kernel[k1.grid](
-                hidden, weight, bias, targets, lse, grad_logp, tile_max if use_tile_max else lse, dx, live,
-                k1.row0, k1.rows, k1.vocab0, k1.vocab, dx.shape[1], p.forward[0].k_total, d, vocab_start,
-                ignore_index, 1.0 / temperature, _softcap_arg(softcap), eps, log_eps, k1.grid_m, k1.grid_n,
+                hidden, weight, bias, lse, g, valid, tile_max if use_tile_max else lse, dx, chunk_live,
+                k1.row0, k1.rows, k1.vocab0, k1.vocab, dx.shape[1], p.forward[0].k_total, d,
+                1.0 / temperature, _softcap_arg(softcap), eps, log_eps, k1.grid_m, k1.grid_n,
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, TILE_MAX=use_tile_max,
-                **_meta(k1, DOT_PRECISION=precision),
+                EVEN_D=d % k1.config.block_k == 0, **_meta(k1, DOT_PRECISION=precision),
             )
+            live_tiles, tile_count = _live_lists(chunk_live)
+            live_rows, row_count = _live_lists(chunk_live.t())
+            # The sorted target rows of each vocab tile of the chunk (and of its row chunk).
+            edges = (k1.vocab0 + torch.arange(k1.grid_n + 1, device=device) * flag_n).clamp(max=k1.vocab0 + k1.vocab)
+            segments = torch.searchsorted(keys, (k1.row0 // p.row_chunk) * (v + 1) + edges).to(torch.int32)
             dweight, dhidden = dgrad.parts
             need_dw = need_weight or need_bias
             first = 0 if need_dw else dweight.grid[0]
             last = dgrad.grid[0] if need_hidden else dweight.grid[0]
             cfg = dgrad.config
             _dgrad_kernel[(last - first,)](
-                dx, live, hidden, weight, grad_rewards, value_weight, d_hidden, d_weight, d_bias,
+                dx, hidden, weight, grad_rewards, value_weight, d_hidden, d_weight, d_bias,
+                live_tiles, tile_count, live_rows, row_count,
+                sorted_rows, sorted_coef, sorted_col, segments, row_coef, row_target,
                 k1.row0, k1.rows, k1.vocab0, k1.vocab, dx.shape[1], d, k1.grid_m, k1.grid_n,
                 first, dweight.grid[0], dweight.grid_n, dhidden.grid_n,
                 NEED_HIDDEN=need_hidden, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias,
                 ACC_HIDDEN=dhidden.accumulate, ACC_WEIGHT=dweight.accumulate, HAS_REWARD_GRAD=has_value,
-                FLAG_M=k1.config.block_m, FLAG_N=k1.config.block_n, DOT_PRECISION=precision,
+                FLAG_M=k1.config.block_m, FLAG_N=flag_n, DOT_PRECISION=precision,
                 DW_BLOCK_N=dweight.config.block_n, DW_BLOCK_K=dweight.config.block_k, DW_GROUP_M=dweight.config.group_m,
                 DH_BLOCK_N=dhidden.config.block_n, DH_BLOCK_K=dhidden.config.block_k, DH_GROUP_M=dhidden.config.group_m,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,

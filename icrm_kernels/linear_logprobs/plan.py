@@ -121,6 +121,14 @@ class ArchConfig:
     dweight: KernelConfig
     max_splits: int          # at most this many vocab splits in the forward (``vocab_splits``)
     min_split_tiles: int     # at least this many vocab tiles per split
+    #: The forward's and dlogits' K step when it divides D (``configs(..., D)``; 0: never). Their
+    #: loads then carry no per-step dims mask (``EVEN_D``), and a wider K step halves the loop
+    #: overhead a step (issue-bound at K 16 on sm_90: 116 of 128 MMA clocks a step).
+    even_k: int = 0
+    even_stages: int = 0     # the pipeline depth with ``even_k`` (shared memory: stages x (A + B))
+    #: With ``even_k``: dhidden's and dweight's dims block and K step (``even_k``) too, a wider
+    #: tile than the unaligned fallback (which spills at 128 dims on unvectorised loads).
+    even_dims: int = 0
 
 
 def _c(bm, bn, bk, gm, w, s):
@@ -134,34 +142,39 @@ def _c(bm, bn, bk, gm, w, s):
 # row blocks x all splits spans several waves (SM count at one CTA per SM: sm_80 108, sm_86 84
 # (A10 / 3090: 72-82), sm_89 128-142, sm_90 132); a wave reads group_m row blocks and a band of
 # consecutive splits. Registers: 8 warps keep the fp32 accumulator of a 128 x 128 tile at 64
-# registers a thread and a K step of 32 keeps the two operand pointer tiles at 32 registers
-# each. Where ptxas found spills on shapes without 16-divisible D (no vectorised loads), the K
-# step is 16: sm_80's dlogits (Triton 3.6, softcap epilogue), sm_80's forward and sm_90's
-# dlogits (the row-maxima store / prologue); the fused dgrad launch runs with the dweight
-# config's warps, so on sm_86 / sm_89 that is 8 (dhidden's 128 x 64 tile spilled at 4), and
-# dhidden's tile is 128 x 64 everywhere (its load-add-store epilogue of a 128 x 128 tile spilled).
+# registers a thread. Two variants per architecture, chosen by D (``configs(..., D)``):
+# * D a multiple of ``even_k`` (every real model): loads without a per-step dims mask
+#   (``EVEN_D``, vectorised), the forward and dlogits K step ``even_k`` (sm_90: 64, where K 16
+#   made dlogits issue-bound; sm_8x: 32, their mma.sync operands live in registers and K 64
+#   spilled the forward), and on sm_90 / sm_80 dhidden / dweight tiles 128 x 128 x ``even_k``.
+# * any other D (unvectorised, masked loads need more registers): the K step is 16 where ptxas
+#   found spills (sm_80's forward, dlogits, dhidden and dweight; sm_90's dlogits), dhidden's
+#   tile 128 x 64, and the fused dgrad launch runs with the dweight config's warps (8 on sm_86 /
+#   sm_89, where dhidden's 128 x 64 tile spilled at 4).
+# Every GEMM K loop is branch-free so Triton software-pipelines it (async copies, async wgmma
+# on sm_90): the dgrad kernel walks compacted lists of live tiles (kernels.py).
 # Shared memory (stages x (A + B tile)) stays under each architecture's limit.
-# tests/gpu_compile.py checks both with ptxas.
+# tests/gpu_compile.py checks registers, spills, shared memory and the pipelining with ptxas.
 _CONFIGS = {
     "sm_90": ArchConfig(
         forward=_c(128, 128, 32, 16, 8, 4), dlogits=_c(128, 128, 16, 8, 8, 4),
         dhidden=_c(128, 64, 32, 8, 8, 4), dweight=_c(128, 64, 32, 4, 8, 4),
-        max_splits=256, min_split_tiles=1,
+        max_splits=256, min_split_tiles=1, even_k=64, even_stages=3, even_dims=128,
     ),
     "sm_80": ArchConfig(
         forward=_c(128, 128, 16, 12, 8, 4), dlogits=_c(128, 128, 16, 8, 8, 4),
-        dhidden=_c(128, 64, 32, 8, 8, 4), dweight=_c(128, 64, 32, 4, 8, 4),
-        max_splits=256, min_split_tiles=1,
+        dhidden=_c(128, 64, 16, 8, 8, 4), dweight=_c(128, 64, 16, 4, 8, 4),
+        max_splits=256, min_split_tiles=1, even_k=32, even_stages=4, even_dims=128,
     ),
     "sm_86": ArchConfig(
         forward=_c(128, 128, 32, 9, 8, 3), dlogits=_c(128, 64, 32, 8, 8, 3),
         dhidden=_c(128, 64, 32, 8, 8, 3), dweight=_c(64, 64, 32, 4, 8, 3),
-        max_splits=256, min_split_tiles=1,
+        max_splits=256, min_split_tiles=1, even_k=32, even_stages=3,
     ),
     "sm_89": ArchConfig(
         forward=_c(128, 128, 32, 16, 8, 3), dlogits=_c(128, 64, 32, 8, 8, 3),
         dhidden=_c(128, 64, 32, 8, 8, 3), dweight=_c(64, 64, 32, 4, 8, 3),
-        max_splits=256, min_split_tiles=1,
+        max_splits=256, min_split_tiles=1, even_k=32, even_stages=3,
     ),
     "default": ArchConfig(
         forward=_c(64, 64, 32, 8, 4, 2), dlogits=_c(64, 64, 32, 8, 4, 2),
@@ -193,13 +206,22 @@ def arch_of(capability: tuple[int, int] | None) -> str:
     return key.get(tuple(capability), "default")
 
 
-def configs(dtype: str, arch: str) -> ArchConfig:
-    """The architecture's configuration for ``dtype``. fp32 operands take twice the bytes and
-    its ieee ``tl.dot`` runs on FMA units with more live registers, so the K steps, the row
-    blocks and the dhidden / dweight dims blocks are halved (nothing spills)."""
+def configs(dtype: str, arch: str, D: int | None = None) -> ArchConfig:
+    """The architecture's configuration for ``dtype`` (and ``D``: the forward's and dlogits' K
+    step is ``even_k`` where that divides D). fp32 operands take twice the bytes and its ieee
+    ``tl.dot`` runs on FMA units with more live registers, so the K steps, the row blocks and the
+    dhidden / dweight dims blocks are halved (nothing spills)."""
     _check(dtype, arch)
     cfg = _CONFIGS[arch]
     _check_coupling(cfg)
+    if D is not None and cfg.even_k and D % cfg.even_k == 0 and dtype != "fp32":
+        def wide(c, **dims):
+            return KernelConfig(**{**c.__dict__, "block_k": cfg.even_k, "num_stages": cfg.even_stages, **dims})
+
+        cfg = ArchConfig(**{**cfg.__dict__, "forward": wide(cfg.forward), "dlogits": wide(cfg.dlogits),
+                            **({"dhidden": wide(cfg.dhidden, block_n=cfg.even_dims),
+                                "dweight": wide(cfg.dweight, block_n=cfg.even_dims)} if cfg.even_dims else {})})
+        _check_coupling(cfg)
     if dtype != "fp32" or arch == "interpreter":
         return cfg
     half = lambda c, **kw: KernelConfig(**{**c.__dict__, **kw})  # noqa: E731
@@ -457,7 +479,7 @@ class LaunchPlan:
     def backward_launches(self, start: int, size: int) -> tuple[Launch, ...]:
         """The backward launches (dlogits, dhidden, dweight) of the chunk ``[start, start +
         size)`` along ``backward_axis``."""
-        cfg = configs(self.dtype, self.arch)
+        cfg = configs(self.dtype, self.arch, self.D)
         skip = self.tile_max_bytes > 0
         if self.backward_axis == "rows":
             return _backward_launches(start, size, 0, self.V, self.D, cfg, "dweight" if start else "", skip)
@@ -519,7 +541,7 @@ def launch_plan(N: int, D: int, V: int, dtype: str, arch: str, *, row_chunk: int
     for name, value in (("N", N), ("D", D), ("V", V)):
         if not isinstance(value, int) or value < (0 if name == "N" else 1):
             raise ValueError(f"{name} must be an int >= {0 if name == 'N' else 1}, got {value!r}")
-    cfg = configs(dtype, arch)
+    cfg = configs(dtype, arch, D)
     esize = DTYPE_BYTES[dtype]
     splits = vocab_splits(V, dtype, arch, D)
     fwd = cfg.forward
