@@ -1,10 +1,13 @@
-"""Checkpoint folders: checksum manifest, promotion into place, choosing what to resume, and
-the rules for reusing an ``output_dir``.
+"""Checkpoint folders: their files (written, read back), checksum manifest, promotion into place,
+choosing what to resume, and the rules for reusing an ``output_dir``. The training loop
+(:mod:`icrm.loop`) orders the ranks around these; the files are this module's business.
 
 A checkpoint is written into ``tmp-checkpoint-<step>/``; ``checksums.json`` (size and
 SHA-256 of every other file) is written last, the folder is flushed to disk and renamed to
 ``checkpoint-<step>/`` in one ``os.replace``. Resume verifies the manifest, names the first
-bad file, and falls back to the newest intact checkpoint (with a warning).
+bad file, and falls back to the newest intact checkpoint (with a warning). A write that fails
+(a full disk above all) removes the partial folder and ends in one :class:`IcrmError` line
+(:func:`checkpoint_writing`).
 
 ``output_dir`` rules (:func:`prepare_output_dir`): a fresh run refuses a folder holding a
 previous run's files unless ``overwrite_output_dir`` is set; then it deletes exactly the
