@@ -297,9 +297,10 @@ def check_packing_support(decoder: nn.Module) -> None:
 
 def _owned(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor``, copied if it is a view (``squeeze``, the fused ops' ``reshape`` to ``[R, T]``).
-    Under FSDP2 the reward model is the root unit: FSDP hooks its backward onto the forward's
-    outputs and warns ("returned a view tensor ... wrong gradients") at every view among them,
-    since an in-place op on a view would drop that hook. The copies are ``[R, T]``, small."""
+    Under FSDP2 the reward model (or the SFT stage's :class:`CausalLMLogprobs`) is the root unit:
+    FSDP hooks its backward onto the forward's outputs and warns ("returned a view tensor ...
+    wrong gradients") at every view among them, since an in-place op on a view would drop that
+    hook. The copies are ``[R, T]``, small."""
     return tensor.clone() if tensor._base is not None else tensor
 
 
@@ -449,8 +450,8 @@ class CausalLMLogprobs(nn.Module):
         hidden = last_hidden(self.backbone, input_ids, attention_mask, position_ids, cu_seqlens)
         weight = self.lm_head.weight.to(hidden.dtype)
         bias = None if self.lm_head.bias is None else self.lm_head.bias.to(hidden.dtype)
-        return linear_logprobs(hidden, weight, targets, bias=bias, temperature=self.temperature,
-                               softcap=self.softcap, backend=self.backend)
+        return _owned(linear_logprobs(hidden, weight, targets, bias=bias, temperature=self.temperature,
+                                      softcap=self.softcap, backend=self.backend))
 
 
 class Generator(CausalLMLogprobs):
