@@ -17,6 +17,8 @@ from icrm.data import read_rows
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length", "32", "--kernels", "reference",
         "--logging_steps", "1", "--eval_long_file", "none", "--bon_file", "none", "--bon_long_file", "none"]
+#: On its own train_file `icrm train` runs one reward model unless told more: here the whole pipeline.
+PIPELINE = ["--run_sft", "true", "--sft_max_steps", "2", "--compare_bt", "true"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def files(tmp_path_factory):
 def trained(files):
     """One `icrm train` run (SFT -> ICRM -> BT) shared by the eval/score/export tests."""
     out = files / "runs"
-    code = main(["train", *TINY, "--sft_max_steps", "2", "--train_file", str(files / "train.jsonl"),
+    code = main(["train", *TINY, *PIPELINE, "--train_file", str(files / "train.jsonl"),
                  "--eval_file", str(files / "eval.jsonl"), "--output_dir", str(out)])
     assert code == 0
     return out
@@ -74,7 +76,7 @@ def test_train_runs_sft_and_every_arm(trained, capsys):
 
 def test_train_resume_latest_finishes_every_stage(trained, files, capsys):
     before = json.loads((trained / "summary.json").read_text())
-    assert main(["train", *TINY, "--sft_max_steps", "2", "--train_file", str(files / "train.jsonl"),
+    assert main(["train", *TINY, *PIPELINE, "--train_file", str(files / "train.jsonl"),
                  "--eval_file", str(files / "eval.jsonl"), "--output_dir", str(trained),
                  "--resume_from_checkpoint", "latest"]) == 0
     after = json.loads((trained / "summary.json").read_text())
