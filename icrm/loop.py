@@ -172,7 +172,6 @@ class BaseTrainer:
     collate = staticmethod(collate_pairs)
 
     def __init__(self, model: torch.nn.Module, args: RewardConfig, train_dataset, eval_dataset, tokenizer):
-        default_pad_token(tokenizer)
         self.args, self.tokenizer = args, tokenizer
         self.rank, self.world_size, local_rank = init_distributed()
         self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")

@@ -19,7 +19,7 @@ import torch
 from .config import RewardConfig
 from .data import IGNORE_INDEX, collate_pairs, collate_sft
 from .io_safety import atomic_path
-from .loop import BaseTrainer, check_finite_model
+from .loop import BaseTrainer, check_finite_model, default_pad_token
 from .model import (
     RM_CONFIG_NAME, CausalLMLogprobs, Generator, RewardModel, apply_lora, enable_activation_checkpointing,
     fit_to_tokenizer, load_causal_lm, load_tokenizer, load_with_aliases, rebuild_reward_model, save_reward_model,
@@ -49,6 +49,7 @@ class RewardTrainer(BaseTrainer):
         # Like TRL, a model given without a tokenizer brings its own (a path's, an object's name_or_path).
         model_path = model if isinstance(model, str) else getattr(model, "name_or_path", None) or args.model_name_or_path
         tokenizer = processing_class or load_tokenizer(args.tokenizer_name_or_path, model_path)
+        default_pad_token(tokenizer)  # before the model is fitted to the tokenizer (its config's pad id)
         if model is None or not isinstance(model, RewardModel):
             model, generator = build_reward_model(args, tokenizer, model or args.model_name_or_path, generator)
         elif generator is None and args.uses_generator:
@@ -200,6 +201,7 @@ class SFTTrainer(BaseTrainer):
                  processing_class=None):
         args = args or RewardConfig()
         tokenizer = processing_class or load_tokenizer(args.tokenizer_name_or_path, args.model_name_or_path)
+        default_pad_token(tokenizer)
         if model is None or isinstance(model, str):
             model = load_causal_lm(model or args.model_name_or_path, tokenizer, seed=args.seed)
         if args.gradient_checkpointing:

@@ -78,7 +78,7 @@ def test_a_tokenizer_without_pad_token_pads_with_eos(tmp_path, caplog):
                         per_device_train_batch_size=4, max_length=32, kernels="reference")
     trainer = RewardTrainer(model=model, args=args, processing_class=tok)
     assert "no pad token; padding with its EOS token '<eos>'" in caplog.text
-    assert tok.pad_token_id == tok.eos_token_id
+    assert tok.pad_token_id == tok.eos_token_id == trainer.model.config.pad_token_id
     result = trainer.train()
     assert 0.0 <= result["eval_accuracy"] <= 1.0
 
