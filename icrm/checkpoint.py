@@ -14,7 +14,7 @@ previous run's files unless ``overwrite_output_dir`` is set; then it deletes exa
 files a run writes (:data:`RUN_FILES`, ``checkpoint-<N>`` folders that carry our
 ``trainer_state.json``, ``tmp-checkpoint-<N>`` and ``checkpoint-<N>.old`` leftovers,
 ``damaged-``/``superseded-checkpoint-<N>`` set aside by a resume, ``final/``; in ``icrm train``'s top
-folder, the same inside ``sft/``, ``icrm/``, ``bt/``) and nothing else. A ``checkpoint-<N>`` or ``final`` folder that a run did not
+folder, the same inside its stage folders ``sft/``, ``bt/``, ``icrm/``, ... (``stages``)) and nothing else. A ``checkpoint-<N>`` or ``final`` folder that a run did not
 write is never deleted: the run stops and names it.
 """
 
@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ARMS
 from .io_safety import IcrmError, ensure_writable_dir, first_line, fsync_tree
 
 log = logging.getLogger("icrm")
@@ -43,9 +42,6 @@ TRAINER_STATE = "trainer_state.json"
 MANIFEST = "checksums.json"
 #: Files a training run writes at the top of its ``output_dir`` (besides checkpoints and ``final/``).
 RUN_FILES = ("metrics.jsonl", "training.png", "summary.json")
-#: ``icrm train`` stage folders inside the top-level ``output_dir``: the SFT stage and one per
-#: arm (``icrm.config.ARMS``; ``icrm/`` is also a single run's folder).
-STAGE_DIRS = ("sft", *ARMS)
 
 
 #: Prefixes of checkpoints moved aside on resume: damaged, or newer than an explicit resume point.
@@ -169,7 +165,7 @@ def resume_candidates(resume: str, output_dir: str) -> list[str]:
         found = list_checkpoints(output_dir)[::-1]
         if not found:
             if resume == "latest":
-                raise no_checkpoint_error(output_dir, output_dir)
+                raise no_checkpoint_error(output_dir)
             log.warning("resume_from_checkpoint auto: no checkpoint in %s; starting from scratch", output_dir)
         return found
     if not os.path.isdir(resume):
@@ -177,11 +173,12 @@ def resume_candidates(resume: str, output_dir: str) -> list[str]:
     return [resume]
 
 
-def no_checkpoint_error(output_dir: str, where: str) -> IcrmError:
-    """``resume_from_checkpoint latest`` found no checkpoint in ``where`` (``output_dir`` or its
-    stage folders): the error says the one thing that works from here, so the suggestions of
-    this error and of :func:`prepare_output_dir` never send the user round in a circle."""
-    if _previous_run_entries(output_dir)[0]:
+def no_checkpoint_error(output_dir: str, stages: tuple[str, ...] = ()) -> IcrmError:
+    """``resume_from_checkpoint latest`` found no checkpoint in ``output_dir`` (or its ``stages``
+    folders): the error says the one thing that works from here, so the suggestions of this
+    error and of :func:`prepare_output_dir` never send the user round in a circle."""
+    where = f"{output_dir}/{{{','.join(stages)}}}" if stages else output_dir
+    if _previous_run_entries(output_dir, stages)[0]:
         hint = ("the previous run there stopped before saving one, so there is nothing to continue; pass "
                 "--overwrite_output_dir true instead of --resume_from_checkpoint to start it again")
     else:
@@ -207,14 +204,15 @@ def _is_ours(path: str) -> bool:
     return False
 
 
-def _previous_run_entries(output_dir: str) -> tuple[list[str], list[str]]:
-    """``(ours, foreign)``: a previous run's entries, and same-named entries a run did not write."""
+def _previous_run_entries(output_dir: str, stages: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """``(ours, foreign)``: a previous run's entries, and same-named entries a run did not write
+    (also inside the ``stages`` subfolders of a pipeline's ``output_dir``)."""
     ours, foreign = [], []
     if not os.path.isdir(output_dir):
         return ours, foreign
     for name in sorted(os.listdir(output_dir)):
         path = os.path.join(output_dir, name)
-        if name in STAGE_DIRS and os.path.isdir(path):
+        if name in stages and os.path.isdir(path):
             sub_ours, sub_foreign = _previous_run_entries(path)
             ours += sub_ours
             foreign += sub_foreign
@@ -225,16 +223,17 @@ def _previous_run_entries(output_dir: str) -> tuple[list[str], list[str]]:
     return ours, foreign
 
 
-def prepare_output_dir(output_dir: str, *, resuming: bool, overwrite: bool, apply: bool = True) -> None:
+def prepare_output_dir(output_dir: str, *, resuming: bool, overwrite: bool, apply: bool = True,
+                       stages: tuple[str, ...] = ()) -> None:
     """Check ``output_dir`` before any work: writable, and not holding another run's files
     unless resuming (they are this run's past) or ``overwrite`` (they are deleted, see the
     module docstring). ``apply=False`` only checks (ranks other than 0; the CLI before it
-    builds a model).
+    builds a model). ``stages``: the subfolders a pipeline puts its runs in (``icrm train``'s).
     """
     ensure_writable_dir(output_dir)
     if resuming:
         return
-    ours, foreign = _previous_run_entries(output_dir)
+    ours, foreign = _previous_run_entries(output_dir, stages)
     if foreign:
         raise IcrmError(f"output_dir {output_dir} holds {', '.join(foreign)}, which icrm did not write; "
                         "move it away or choose another output_dir")

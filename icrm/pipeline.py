@@ -17,13 +17,16 @@ import os
 import time
 
 from .checkpoint import list_checkpoints, no_checkpoint_error, prepare_output_dir
-from .config import BUILTIN_MODEL, RewardConfig
+from .config import ARMS, BUILTIN_MODEL, RewardConfig
 from .distributed import launch_rank
 from .io_safety import atomic_path, check_model_source
 from .metrics import evaluate_suite
 from .reporting import metric_table
 from .trainers import RewardTrainer, SFTTrainer
 
+#: Stage folders inside the main job's ``output_dir``: the SFT stage and one per arm (``icrm/`` is
+#: also the folder of a single run without an arm); a previous run is looked for in them too.
+STAGE_DIRS = ("sft", *ARMS)
 
 def sft_args(cfg: RewardConfig, output_dir: str) -> RewardConfig:
     """The generator-SFT stage's config derived from the main config."""
@@ -99,12 +102,12 @@ def run_main_job(cfg: RewardConfig, *, echo=print) -> dict:
         echo = lambda *_: None  # noqa: E731  (one copy of the report under torchrun)
     # Before any model is built: the folder is usable, holds no other run, the paths make sense.
     resume = cfg.resume_from_checkpoint
-    prepare_output_dir(cfg.output_dir, resuming=bool(resume),
-                       overwrite=cfg.overwrite_output_dir, apply=is_main)
+    prepare_output_dir(cfg.output_dir, resuming=bool(resume), overwrite=cfg.overwrite_output_dir, apply=is_main,
+                       stages=STAGE_DIRS)
     arms = list(cfg.arms) if cfg.compare_bt else [cfg.arm or "icrm"]
     stages = ("sft", *arms)
     if resume == "latest" and not any(list_checkpoints(os.path.join(cfg.output_dir, s)) for s in stages):
-        raise no_checkpoint_error(cfg.output_dir, f"{cfg.output_dir}/{{{','.join(stages)}}}")
+        raise no_checkpoint_error(cfg.output_dir, stages)
     for name in ("model_name_or_path", "generator_name_or_path", "tokenizer_name_or_path"):
         if getattr(cfg, name) and getattr(cfg, name) != BUILTIN_MODEL:
             check_model_source(getattr(cfg, name), name)

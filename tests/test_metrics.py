@@ -76,7 +76,7 @@ def test_word_rewards_and_best_of_n_by_hand():
 
 def test_every_arm_folder_is_a_stage_folder():
     """`icrm train` refuses / overwrites a previous run by its stage folders: every arm's must be one."""
-    from icrm.checkpoint import STAGE_DIRS
+    from icrm.pipeline import STAGE_DIRS
 
     assert {"sft", *ARMS} <= set(STAGE_DIRS)
 
