@@ -127,8 +127,8 @@ def test_eval_process_metrics(trained, tmp_path, capsys):
 
 
 def test_score(trained, tmp_path):
-    rows = [{"prompt": "sort : 3 1 2", "response": "1 2 3"},
-            {"prompt": "sort : 3 1 2", "chosen": "1 2 3", "rejected": "2 1 3"},
+    rows = [{"prompt": "sort : 3 1 2\n", "response": "1 2 3"},
+            {"prompt": "sort : 3 1 2\n", "chosen": "1 2 3", "rejected": "2 1 3"},
             {"messages": [{"role": "user", "content": "sort : 2 1"}, {"role": "assistant", "content": "1 2"}]},
             {"prompt": "sort : 1"}]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"

@@ -365,13 +365,13 @@ def test_nonfinite_model_is_never_saved(tmp_path):
 # Data and config
 
 def test_unknown_tokens_and_identical_pairs_warn_with_counts(tok, caplog):
-    english = [{"prompt": "What is the capital of France?", "chosen": "Paris, of course.", "rejected": "It is London."}] * 4
+    english = [{"prompt": "What is the capital of France?\n", "chosen": "Paris, of course.", "rejected": "It is London."}] * 4
     with caplog.at_level("WARNING", logger="icrm"):
         PreferenceDataset(english, tok, 32, name="train")
     assert "train: 52 of 80 tokens (65%) are the unknown token '<unk>'" in caplog.text
     caplog.clear()
-    ties = [{"prompt": "sort : 2 1", "chosen": "1 2", "rejected": "1 2"}] * 2 + \
-           [{"prompt": "sort : 2 1", "chosen": "1 2", "rejected": "2 1"}] * 3
+    ties = [{"prompt": "sort : 2 1\n", "chosen": "1 2", "rejected": "1 2"}] * 2 + \
+           [{"prompt": "sort : 2 1\n", "chosen": "1 2", "rejected": "2 1"}] * 3
     with caplog.at_level("WARNING", logger="icrm"):
         PreferenceDataset(ties, tok, 32, name="train")
     assert "train: 2 of 5 pairs have chosen == rejected" in caplog.text
