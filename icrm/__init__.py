@@ -10,7 +10,8 @@ Shaped like TRL so users can switch::
 from .config import RewardConfig
 from .model import Generator, RewardModel, export_sequence_classification, load_reward_model
 from .objective import ICRMLoss, icrm_loss
-from .train import RewardTrainer, SFTTrainer, run_main_job
+from .pipeline import run_main_job
+from .trainers import RewardTrainer, SFTTrainer
 
 __all__ = [
     "RewardConfig", "RewardTrainer", "SFTTrainer", "RewardModel", "Generator", "icrm_loss", "ICRMLoss",

@@ -58,6 +58,13 @@ ARMS = {
     "icrm_squared": ("ICRM (squared)", {"sft_regularizer": True, "consistency_kind": "squared", "uniform_weights": False}),
 }
 RM_INITS = ("base", "generator")
+#: ``eval_file`` & co.: the shipped task's file when ``train_file`` is the shipped one, else none.
+AUTO = "auto"
+#: The shipped process task (``scripts/make_process_dataset.py``): the default training file and
+#: the evaluation files a config that trains on it gets without naming them.
+SHIPPED_FILES = {name: os.path.join(DATA_DIR, f"process_{split}.jsonl") for name, split in (
+    ("train_file", "train"), ("eval_file", "eval"), ("eval_long_file", "eval_long"), ("bon_file", "bon"),
+    ("bon_long_file", "bon_long"))}
 
 
 def _help(text: str, **kw) -> Any:
@@ -75,14 +82,16 @@ class RewardConfig:
     tokenizer_name_or_path: str | None = _help(
         "Tokenizer folder; default: the model folder if it has one, else the built-in tokenizer.", default=None
     )
-    train_file: str = _help("Preference data (JSONL/JSON/Parquet).", default=os.path.join(DATA_DIR, "process_train.jsonl"))
-    eval_file: str | None = _help("Held-out preference data ('' or null: none).", default=os.path.join(DATA_DIR, "process_eval.jsonl"))
-    eval_long_file: str | None = _help("Held-out pairs with longer inputs than training (process metrics, '_long').",
-                                       default=os.path.join(DATA_DIR, "process_eval_long.jsonl"))
-    bon_file: str | None = _help("Best-of-N sets: rows {prompt, responses, correct} ('' or null: none).",
-                                 default=os.path.join(DATA_DIR, "process_bon.jsonl"))
-    bon_long_file: str | None = _help("Best-of-N sets with longer inputs than training.",
-                                      default=os.path.join(DATA_DIR, "process_bon_long.jsonl"))
+    train_file: str = _help("Preference data (JSONL/JSON/Parquet); default: the shipped process task.",
+                            default=SHIPPED_FILES["train_file"])
+    eval_file: str | None = _help("Held-out preference data ('' or null: none; 'auto': the shipped task's when "
+                                  "train_file is the shipped one, else none).", default=AUTO)
+    eval_long_file: str | None = _help("Held-out pairs with longer inputs than training (process metrics, '_long'; "
+                                       "'auto' as for eval_file).", default=AUTO)
+    bon_file: str | None = _help("Best-of-N sets: rows {prompt, responses, correct} ('' or null: none; 'auto' as for "
+                                 "eval_file).", default=AUTO)
+    bon_long_file: str | None = _help("Best-of-N sets with longer inputs than training ('auto' as for eval_file).",
+                                      default=AUTO)
     output_dir: str = _help("Where checkpoints, metrics.jsonl, the plot and the final model go.", default="runs/icrm")
     max_length: int = _help("Max tokens of prompt + response (EOS included); see max_length_policy.", default=64)
     max_length_policy: str = _help(f"One of {MAX_LENGTH_POLICIES}: cut a longer response and put EOS back as its last "
@@ -163,10 +172,14 @@ class RewardConfig:
                                   "(the icrm_uniform ablation; no generator needed).", default=False)
     value_head_bias: bool = _help("Give the value head a bias (the exported HF model has none and drops it).", default=False)
     # --- the main job's pipeline (ours) -------------------------------------------------
-    run_sft: bool = _help("`icrm train`: first fine-tune the starting model on the chosen responses (the authors' stage 1) and use it as backbone init and generator.", default=True)
+    run_sft: bool | None = _help("`icrm train`: first fine-tune the starting model on the chosen responses (the authors' "
+                                 "stage 1) and use it as backbone init and generator. Null: true on the shipped task, "
+                                 "false when train_file is your own.", default=None)
     sft_max_steps: int = _help("Optimizer steps of that SFT stage.", default=800)
     sft_learning_rate: float = _help("Learning rate of that SFT stage.", default=3e-3)
-    compare_bt: bool = _help("`icrm train`: also train the baseline arms (`arms`) from the same init and print one table.", default=True)
+    compare_bt: bool | None = _help("`icrm train`: also train the baseline arms (`arms`) from the same init and print one "
+                                    "table. Null: true on the shipped task, false when train_file is your own (one "
+                                    "reward model: `arm`).", default=None)
     arms: list[str] = _help("`icrm train`: the arms the main job trains when compare_bt is on (comma-separated); "
                             "with compare_bt false only `arm` (or the fields as given) is trained.",
                             default_factory=lambda: ["bt", "grm", "icrm"])
@@ -176,10 +189,25 @@ class RewardConfig:
                                    default="generator")
 
     def __post_init__(self):
+        # What the config does not name follows the data: the shipped task gets its full job, your
+        # own train_file only what you name (no shipped evaluation files mixed into your table).
+        shipped = self.uses_shipped_task
+        for name in ("eval_file", "eval_long_file", "bon_file", "bon_long_file"):
+            if getattr(self, name) == AUTO:
+                setattr(self, name, SHIPPED_FILES[name] if shipped else None)
+        for name in ("run_sft", "compare_bt"):
+            if getattr(self, name) is None:
+                setattr(self, name, shipped)
         if self.arm in ARMS:
             for name, value in ARMS[self.arm][1].items():
                 setattr(self, name, value)
         self.validate()
+
+    @property
+    def uses_shipped_task(self) -> bool:
+        """Whether ``train_file`` is the shipped process task's (then the unnamed pipeline fields default to its job)."""
+        return isinstance(self.train_file, str) and bool(self.train_file) and \
+            os.path.realpath(self.train_file) == os.path.realpath(SHIPPED_FILES["train_file"])
 
     @property
     def uses_generator(self) -> bool:

@@ -9,8 +9,8 @@ Layouts (as in TRL):
   tokenizer's chat template (implicit: the shared leading messages are the prompt);
 * an optional numeric ``margin`` column (TRL: ``-logsigmoid(R_c - R_r - margin)``).
 
-Tokenization: ``prompt_ids + response_ids + [eos]`` (no second EOS when the chat template
-already ends the turn with it), labels -100 on the prompt. Pairs longer than ``max_length``
+Tokenization: ``prompt + response`` as one text, as TRL does, then EOS (no second EOS when
+the text already ends with it); labels -100 on the tokens that end inside the prompt. Pairs longer than ``max_length``
 are, by ``max_length_policy``, either truncated (the response is cut and EOS put back as the
 last token; a pair whose prompt leaves no room for a response token and EOS is dropped) or
 dropped, as TRL does; both are counted and warned about. Bad rows (missing field, empty
@@ -49,6 +49,7 @@ class DataStats:
     truncated: int = 0
     dropped_too_long: int = 0
     identical: int = 0
+    merged: int = 0
     tokens: int = 0
     unknown_tokens: int = 0
     examples_of_bad: list[str] = field(default_factory=list)
@@ -198,26 +199,53 @@ def normalize_row(row, tokenizer) -> tuple[str, str, str, float | None]:
 # ------------------------------------------------------------------------------------------
 # Tokenization
 
+def encode_pair(prompt: str, response: str, tokenizer) -> tuple[list[int], int, list[tuple[int, int]]]:
+    """``(input_ids, prompt_len, offsets)`` of ``prompt + response`` tokenized as ONE text, as TRL's
+    ``RewardTrainer`` does (``tokenizer(prompt + response + eos_token)``), so a byte-level BPE merge
+    across the boundary (a prompt ending with a space: ``'Ġ' + 'The'`` -> ``'ĠThe'``) gives the ids
+    TRL and a Hugging Face classifier see. EOS is appended unless the text already ends with it
+    (a tokenizer that appends EOS itself, as icrm's export does, gets no second one).
+
+    ``prompt_len``: the tokens that end within the prompt text; a token that spans the prompt's
+    end (``'ĠThe'``) belongs to the response, so the response keeps its first word.
+    ``offsets``: each token's ``(start, end)`` character span in the joined text (``(0, 0)`` for
+    special tokens), for callers that map words of the response to tokens.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"icrm tokenizes prompt + response as one text and needs a fast (tokenizers) tokenizer for "
+                         f"its offsets, got {type(tokenizer).__name__}; load it with use_fast=True")
+    encoded = tokenizer(prompt + response, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
+        offsets.append((0, 0))
+    prompt_len = next((i for i, (_, end) in enumerate(offsets) if end > len(prompt)), len(ids) - 1)
+    return ids, prompt_len, offsets
+
+
+def merges_prompt_word(prompt: str, prompt_len: int, offsets: list[tuple[int, int]]) -> bool:
+    """Whether the response's first token also holds the end of a prompt word (``'sort : 2 1' + '1 2'``
+    reads ``... 2 11 2``): joined as text, as TRL does, the pair no longer means what its fields say."""
+    return prompt_len < len(offsets) and offsets[prompt_len] != (0, 0) and \
+        bool(prompt[offsets[prompt_len][0]:].strip())
+
+
 def tokenize_pair(prompt: str, response: str, tokenizer, max_length: int,
-                  policy: str = "truncate") -> tuple[list[int], int, bool] | None:
-    """-> ``(input_ids, prompt_len, truncated)``, or None when the sequence is dropped.
+                  policy: str = "truncate") -> tuple[list[int], int, bool, bool] | None:
+    """-> ``(input_ids, prompt_len, truncated, merged)`` (see :func:`encode_pair`;
+    ``merged``: :func:`merges_prompt_word`), or None when the sequence is dropped.
 
     Longer than ``max_length``: ``policy="truncate"`` cuts the response and puts EOS back as
     the last token (the reward is read there), None when not even one response token and EOS
     fit; ``"drop"``: None.
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
-    if prompt_ids and prompt_ids[-1] == tokenizer.eos_token_id:
-        prompt_ids = prompt_ids[:-1]  # a tokenizer that appends EOS itself (icrm's export) ends the text, not the prompt
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if not response_ids or response_ids[-1] != tokenizer.eos_token_id:  # chat templates may end turns with EOS
-        response_ids.append(tokenizer.eos_token_id)
-    ids = prompt_ids + response_ids
+    ids, prompt_len, offsets = encode_pair(prompt, response, tokenizer)
+    merged = merges_prompt_word(prompt, prompt_len, offsets)
     if len(ids) <= max_length:
-        return ids, len(prompt_ids), False
-    if policy == "drop" or len(prompt_ids) + 2 > max_length:
+        return ids, prompt_len, False, merged
+    if policy == "drop" or prompt_len + 2 > max_length:
         return None
-    return ids[:max_length - 1] + [tokenizer.eos_token_id], len(prompt_ids), True
+    return ids[:max_length - 1] + [tokenizer.eos_token_id], prompt_len, True, merged
 
 
 @dataclass
@@ -251,6 +279,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 self.stats.dropped_too_long += 1
                 continue
             self.stats.truncated += int(c[2] or r[2])
+            self.stats.merged += int(c[3] or r[3])
             self.stats.identical += int(c[0] == r[0])
             self.stats.tokens += len(c[0]) + len(r[0])
             self.stats.unknown_tokens += c[0].count(unk) + r[0].count(unk)
@@ -268,6 +297,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
                         "text (the built-in 'tiny' one knows only the sorting task's words); set model_name_or_path "
                         "/ tokenizer_name_or_path to a model made for it", name, self.stats.unknown_tokens,
                         self.stats.tokens, 100 * self.stats.unknown_tokens / max(1, self.stats.tokens), tokenizer.unk_token)
+        if self.stats.merged:
+            log.warning("%s: in %d of %d pairs the response's first token runs into the prompt's last word (prompt "
+                        "and response are tokenized as one text, as TRL does): end each prompt with a space or "
+                        "newline", name, self.stats.merged, self.stats.kept)
         if self.stats.identical:
             log.warning("%s: %d of %d pairs have chosen == rejected after tokenization: ties that teach nothing "
                         "(Bradley-Terry loss ln 2) and count as wrong in accuracy", name, self.stats.identical,

@@ -17,9 +17,9 @@ last prompt token). Metrics:
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from .data import pad_rows, read_rows, tokenize_pair
+from .data import encode_pair, read_rows
+from .inference import token_rewards
 
 #: The metric names :func:`evaluate_process` and :func:`best_of_n` return.
 PAIR_METRICS = ("pair_accuracy", "value_spearman", "value_auroc", "first_error_acc")
@@ -58,45 +58,33 @@ def auroc(scores, labels) -> float:
     return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def word_end_tokens(tokenizer, response: str) -> list[int]:
-    """Index (within the response tokens) of each whitespace word's last token, then of EOS."""
-    enc = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
+def word_end_tokens(tokenizer, response: str, prompt: str = "") -> list[int]:
+    """Index (within the response tokens of ``prompt + response``, tokenized as one text as
+    :func:`icrm.data.encode_pair` does) of each whitespace word's last token, then of EOS."""
+    ids, prompt_len, offsets = encode_pair(prompt, response, tokenizer)
+    text_tokens = range(prompt_len, len(ids) - 1)  # the response's tokens, EOS excluded
     out, pos = [], 0
     for word in response.split():
         start = response.index(word, pos)
         pos = start + len(word)
-        out.append(max(i for i, (a, _) in enumerate(offsets) if a < pos))
-    eos_at_end = enc["input_ids"] and enc["input_ids"][-1] == tokenizer.eos_token_id
-    out.append(len(offsets) - 1 if eos_at_end else len(offsets))
+        out.append(max(i for i in text_tokens if offsets[i][0] < len(prompt) + pos) - prompt_len)
+    out.append(len(ids) - 1 - prompt_len)
     return out
 
 
-@torch.no_grad()
-def word_rewards(rm, tokenizer, items: list[tuple[str, str]], *, max_length: int, batch_size: int = 256) -> list[np.ndarray]:
+def word_rewards(rm, tokenizer, items: list[tuple[str, str]], *, max_length: int, batch_size: int = 256,
+                 progress=None) -> list[np.ndarray]:
     """Per ``(prompt, response)``: rewards ``[words + 2]``: at the last prompt token, after each word, at EOS.
 
     Raises if a response does not fit ``max_length`` (a truncated response has no EOS reward).
     """
-    device = next(rm.parameters()).device
-    was_training = rm.training
-    rm.eval()
     out = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        encoded = []
-        for prompt, response in chunk:
-            tokenized = tokenize_pair(prompt, response, tokenizer, max_length)
-            if tokenized is None or tokenized[2]:
-                raise ValueError(f"max_length={max_length} is too short for the prompt + response {prompt!r} -> {response!r}")
-            encoded.append(tokenized)
-        batch = pad_rows([ids for ids, _, _ in encoded], [p for _, p, _ in encoded], tokenizer.pad_token_id)
-        rewards, _ = rm(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        rewards = rewards.float().cpu().numpy()
-        for i, ((prompt, response), (_, prompt_len, _)) in enumerate(zip(chunk, encoded)):
-            index = [prompt_len - 1] + [prompt_len + j for j in word_end_tokens(tokenizer, response)]
-            out.append(rewards[i, index])
-    rm.train(was_training)
+    scored = token_rewards(rm, tokenizer, items, max_length=max_length, batch_size=batch_size, progress=progress)
+    for (prompt, response), item in zip(items, scored):
+        if item is None or item.truncated:
+            raise ValueError(f"max_length={max_length} is too short for the prompt + response {prompt!r} -> {response!r}")
+        index = [item.prompt_len - 1] + [item.prompt_len + j for j in word_end_tokens(tokenizer, response, prompt)]
+        out.append(item.rewards[index])
     return out
 
 
@@ -126,21 +114,23 @@ def has_prefix_values(rows: list[dict]) -> bool:
     return bool(rows) and all(isinstance(r, dict) and "chosen_values" in r and "rejected_values" in r for r in rows)
 
 
-def evaluate_process(rm, tokenizer, rows, *, max_length: int, batch_size: int = 256) -> dict[str, float]:
+def evaluate_process(rm, tokenizer, rows, *, max_length: int, batch_size: int = 256, progress=None) -> dict[str, float]:
     """:data:`PAIR_METRICS` of a reward model on pair rows (or a file) with prefix values."""
     rows = read_rows(rows) if isinstance(rows, str) else rows
     if not has_prefix_values(rows):
         raise ValueError("eval rows need 'chosen_values' and 'rejected_values' (exact prefix values) for process metrics")
     items = [(row["prompt"], row[side]) for row in rows for side in ("chosen", "rejected")]
-    return process_metrics(rows, word_rewards(rm, tokenizer, items, max_length=max_length, batch_size=batch_size))
+    return process_metrics(rows, word_rewards(rm, tokenizer, items, max_length=max_length, batch_size=batch_size,
+                                              progress=progress))
 
 
-def best_of_n(rm, tokenizer, groups, *, max_length: int, batch_size: int = 256) -> dict[str, float]:
+def best_of_n(rm, tokenizer, groups, *, max_length: int, batch_size: int = 256, progress=None) -> dict[str, float]:
     """``bon_accuracy`` on rows ``{"prompt", "responses": [N], "correct": [N]}`` (or a file), plus
     the arm-free references ``bon_random`` (mean correct) and ``bon_oracle`` (any correct)."""
     groups = read_rows(groups) if isinstance(groups, str) else groups
     items = [(g["prompt"], resp) for g in groups for resp in g["responses"]]
-    seq = [r[-1] for r in word_rewards(rm, tokenizer, items, max_length=max_length, batch_size=batch_size)]
+    seq = [r[-1] for r in word_rewards(rm, tokenizer, items, max_length=max_length, batch_size=batch_size,
+                                       progress=progress)]
     picked, k = [], 0
     for g in groups:
         n = len(g["responses"])

@@ -295,6 +295,15 @@ def check_packing_support(decoder: nn.Module) -> None:
         )
 
 
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied if it is a view (``squeeze``, the fused ops' ``reshape`` to ``[R, T]``).
+    Under FSDP2 the reward model (or the SFT stage's :class:`CausalLMLogprobs`) is the root unit:
+    FSDP hooks its backward onto the forward's outputs and warns ("returned a view tensor ...
+    wrong gradients") at every view among them, since an in-place op on a view would drop that
+    hook. The copies are ``[R, T]``, small."""
+    return tensor.clone() if tensor._base is not None else tensor
+
+
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; backward multiplies the incoming gradient by ``scale``."""
 
@@ -356,7 +365,7 @@ class RewardModel(nn.Module):
         hidden = last_hidden(self.backbone, input_ids, attention_mask, position_ids, cu_seqlens)
         if sft_targets is None or self.lm_head is None:
             rewards = self.score(hidden).squeeze(-1)
-            return rewards.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32), None
+            return _owned(rewards.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)), None
         s = self.sft_grad_scale
         # The fused op reads `hidden` once for both outputs, but only the SFT term's gradient
         # to the backbone is to be scaled by s. Feed it a gradient-scaled view of `hidden`, then
@@ -372,7 +381,7 @@ class RewardModel(nn.Module):
         if s != 1.0:
             value_weight = self.score.weight.reshape(-1).to(hidden.dtype)
             rewards = rewards + (1.0 - s) * (hidden @ value_weight - hidden.detach() @ value_weight).to(rewards.dtype)
-        return rewards, logp
+        return _owned(rewards), _owned(logp)
 
     # ---------------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -412,20 +421,49 @@ def apply_lora(rm: RewardModel, r: int, alpha: int, dropout: float, target_modul
     return rm
 
 
-class Generator(nn.Module):
+class CausalLMLogprobs(nn.Module):
+    """``log p(targets)`` of a decoder + LM head without ``[R, T, V]`` logits: the fused
+    :func:`icrm_kernels.linear_logprobs` on the last hidden states, with the model's own final-logit
+    softcap (Gemma-2's ``final_logit_softcapping``) and then ``temperature``, as the model's own
+    logits would give them. The one log-prob path of the generator SFT and the frozen generator.
+    """
+
+    def __init__(self, backbone: nn.Module, lm_head: nn.Module, *, softcap: float | None = None,
+                 temperature: float = 1.0, backend: str = "auto"):
+        super().__init__()
+        self.backbone, self.lm_head = backbone, lm_head
+        self.config = backbone.config  # the causal LM's own (HF decoders share it with their *ForCausalLM)
+        self.softcap, self.temperature, self.backend = softcap, temperature, backend
+
+    @classmethod
+    def from_causal_lm(cls, causal_lm: nn.Module, *, temperature: float = 1.0, backend: str = "auto"):
+        """Read ``causal_lm``'s decoder and LM head in place (training this module trains it)."""
+        if causal_lm.get_output_embeddings() is None:
+            raise ValueError(f"{type(causal_lm).__name__} has no LM head (a sequence-classification model); "
+                             "log-probs need a causal LM")
+        return cls(decoder_of(causal_lm), causal_lm.get_output_embeddings(), softcap=_softcap(causal_lm.config),
+                   temperature=temperature, backend=backend)
+
+    def forward(self, input_ids, attention_mask, targets, position_ids=None, cu_seqlens=None) -> torch.Tensor:
+        """``targets [R, T]`` (``shifted_targets(labels)``: the token position t predicts) -> log-probs
+        ``[R, T]`` fp32, 0 where the target is -100. Packed batches as in :func:`last_hidden`."""
+        hidden = last_hidden(self.backbone, input_ids, attention_mask, position_ids, cu_seqlens)
+        weight = self.lm_head.weight.to(hidden.dtype)
+        bias = None if self.lm_head.bias is None else self.lm_head.bias.to(hidden.dtype)
+        return _owned(linear_logprobs(hidden, weight, targets, bias=bias, temperature=self.temperature,
+                                      softcap=self.softcap, backend=self.backend))
+
+
+class Generator(CausalLMLogprobs):
     """The frozen generator: ``g_t = log p(labels[t+1] | prefix)`` without ``[B, T, V]`` logits."""
 
     def __init__(self, causal_lm: nn.Module, *, temperature: float = 1.0, backend: str = "auto"):
-        super().__init__()
         if causal_lm.get_output_embeddings() is None:
             raise ValueError(f"the generator needs a causal LM; {type(causal_lm).__name__} has no LM head (a "
                              "sequence-classification model): set generator_name_or_path to a causal-LM folder, "
                              "or reg_ratio: 0")
-        self.backbone = decoder_of(causal_lm)
-        self.lm_head = causal_lm.get_output_embeddings()
-        self.softcap = _softcap(causal_lm.config)
-        self.temperature = temperature
-        self.backend = backend
+        super().__init__(decoder_of(causal_lm), causal_lm.get_output_embeddings(), softcap=_softcap(causal_lm.config),
+                         temperature=temperature, backend=backend)
         self.requires_grad_(False)
         self.eval()
 
@@ -436,9 +474,8 @@ class Generator(nn.Module):
             raise ValueError("the reward model has no LM-head copy (sft_regularizer=false); pass generator= "
                              "or set generator_name_or_path")
         gen = cls.__new__(cls)
-        nn.Module.__init__(gen)
-        gen.backbone, gen.lm_head = rm.merged_backbone(), copy.deepcopy(rm.lm_head)
-        gen.softcap, gen.temperature, gen.backend = rm.softcap, temperature, backend
+        CausalLMLogprobs.__init__(gen, rm.merged_backbone(), copy.deepcopy(rm.lm_head), softcap=rm.softcap,
+                                  temperature=temperature, backend=backend)
         gen.requires_grad_(False)
         gen.eval()
         return gen
@@ -452,11 +489,7 @@ class Generator(nn.Module):
 
         Packed (``cu_seqlens`` given, ``[1, N]`` inputs): ``[N]``, 0 at sequence ends.
         """
-        hidden = last_hidden(self.backbone, input_ids, attention_mask, position_ids, cu_seqlens)
-        weight = self.lm_head.weight.to(hidden.dtype)
-        bias = None if self.lm_head.bias is None else self.lm_head.bias.to(hidden.dtype)
-        logp = linear_logprobs(hidden, weight, shifted_targets(labels, cu_seqlens), bias=bias,
-                               temperature=self.temperature, softcap=self.softcap, backend=self.backend)
+        logp = super().forward(input_ids, attention_mask, shifted_targets(labels, cu_seqlens), position_ids, cu_seqlens)
         return logp[0] if cu_seqlens is not None else logp[:, :-1]
 
 

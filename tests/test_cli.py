@@ -17,6 +17,8 @@ from icrm.data import read_rows
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length", "32", "--kernels", "reference",
         "--logging_steps", "1", "--eval_long_file", "none", "--bon_file", "none", "--bon_long_file", "none"]
+#: On its own train_file `icrm train` runs one reward model unless told more: here the whole pipeline.
+PIPELINE = ["--run_sft", "true", "--sft_max_steps", "2", "--compare_bt", "true"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def files(tmp_path_factory):
 def trained(files):
     """One `icrm train` run (SFT -> ICRM -> BT) shared by the eval/score/export tests."""
     out = files / "runs"
-    code = main(["train", *TINY, "--sft_max_steps", "2", "--train_file", str(files / "train.jsonl"),
+    code = main(["train", *TINY, *PIPELINE, "--train_file", str(files / "train.jsonl"),
                  "--eval_file", str(files / "eval.jsonl"), "--output_dir", str(out)])
     assert code == 0
     return out
@@ -74,7 +76,7 @@ def test_train_runs_sft_and_every_arm(trained, capsys):
 
 def test_train_resume_latest_finishes_every_stage(trained, files, capsys):
     before = json.loads((trained / "summary.json").read_text())
-    assert main(["train", *TINY, "--sft_max_steps", "2", "--train_file", str(files / "train.jsonl"),
+    assert main(["train", *TINY, *PIPELINE, "--train_file", str(files / "train.jsonl"),
                  "--eval_file", str(files / "eval.jsonl"), "--output_dir", str(trained),
                  "--resume_from_checkpoint", "latest"]) == 0
     after = json.loads((trained / "summary.json").read_text())
@@ -125,8 +127,8 @@ def test_eval_process_metrics(trained, tmp_path, capsys):
 
 
 def test_score(trained, tmp_path):
-    rows = [{"prompt": "sort : 3 1 2", "response": "1 2 3"},
-            {"prompt": "sort : 3 1 2", "chosen": "1 2 3", "rejected": "2 1 3"},
+    rows = [{"prompt": "sort : 3 1 2\n", "response": "1 2 3"},
+            {"prompt": "sort : 3 1 2\n", "chosen": "1 2 3", "rejected": "2 1 3"},
             {"messages": [{"role": "user", "content": "sort : 2 1"}, {"role": "assistant", "content": "1 2"}]},
             {"prompt": "sort : 1"}]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"

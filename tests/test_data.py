@@ -96,9 +96,9 @@ def test_json_and_parquet_files(tmp_path, tok):
 
 def test_truncation_keeps_eos_or_drops(tok):
     rows = [
-        {"prompt": "sort : 1 2 3", "chosen": "1 2 3", "rejected": "3 2 1"},  # 5 + 4 tokens
-        {"prompt": "sort : 1 2 3 4", "chosen": "1", "rejected": "2"},  # prompt 6: no room for a token + EOS in 7
-        {"prompt": "sort : 1", "chosen": "1", "rejected": "2"},  # fits
+        {"prompt": "sort : 1 2 3\n", "chosen": "1 2 3", "rejected": "3 2 1"},  # 5 + 4 tokens
+        {"prompt": "sort : 1 2 3 4\n", "chosen": "1", "rejected": "2"},  # prompt 6: no room for a token + EOS in 7
+        {"prompt": "sort : 1\n", "chosen": "1", "rejected": "2"},  # fits
     ]
     ds = PreferenceDataset(rows, tok, 7)
     assert len(ds) == 2 and ds.stats.dropped_too_long == 1 and ds.stats.truncated == 1
@@ -134,8 +134,8 @@ def test_shipped_prompts_survive_trl_concatenation(tok):
             for side, ids in (("chosen", ex.chosen_ids), ("rejected", ex.rejected_ids)):
                 assert tok(row["prompt"] + row[side] + tok.eos_token)["input_ids"] == ids
 def test_collate_layout_and_pooling_position(tok):
-    rows = [{"prompt": "sort : 2 1", "chosen": "1 2", "rejected": "2"},
-            {"prompt": "sort : 4 3 5", "chosen": "3 4 5", "rejected": "5 4 3"}]
+    rows = [{"prompt": "sort : 2 1\n", "chosen": "1 2", "rejected": "2"},
+            {"prompt": "sort : 4 3 5\n", "chosen": "3 4 5", "rejected": "5 4 3"}]
     ds = PreferenceDataset(rows, tok, 32)
     batch = collate_pairs([ds[0], ds[1]], tok.pad_token_id)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]

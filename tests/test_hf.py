@@ -63,7 +63,7 @@ def test_model_family_trains_resumes_and_exports(family, files, tmp_path, tok, c
     family_config(family, len(tok)).to_json_file(str(config_path))
     out = tmp_path / "run"
     data = ["--train_file", str(files / "train.jsonl"), "--eval_file", str(files / "eval.jsonl"),
-            "--model_name_or_path", str(config_path), "--output_dir", str(out)]
+            "--model_name_or_path", str(config_path), "--output_dir", str(out), "--run_sft", "true"]
     assert main(["train", *TINY, *data, "--sft_max_steps", "2", "--max_steps", "2", "--save_steps", "1"]) == 0
     # Resume: the SFT checkpoint stored the tied matrix once; both names come back, still one tensor.
     assert main(["train", *TINY, *data, "--sft_max_steps", "3", "--max_steps", "3", "--resume_from_checkpoint", "latest"]) == 0

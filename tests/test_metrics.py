@@ -62,21 +62,21 @@ class CountingRM(torch.nn.Module):
 def test_word_rewards_and_best_of_n_by_hand():
     tok = build_tiny_tokenizer()
     ids = tok.convert_tokens_to_ids
-    [r] = metrics.word_rewards(CountingRM(), tok, [("sort : 3 1", "1 3")], max_length=16)
+    [r] = metrics.word_rewards(CountingRM(), tok, [("sort : 3 1\n", "1 3")], max_length=16)
     prompt = ids("sort") + ids(":") + ids("3") + ids("1")
     assert r.tolist() == [prompt, prompt + ids("1"), prompt + ids("1") + ids("3"), prompt + ids("1") + ids("3") + tok.eos_token_id]
     # Bigger numbers have bigger ids here, so the stub prefers the response with the largest sum.
-    groups = [{"prompt": "sort : 3 1", "responses": ["1 3", "3 1", "1 4"], "correct": [True, False, False]},
-              {"prompt": "sort : 5 2", "responses": ["2 5", "2"], "correct": [True, False]}]
+    groups = [{"prompt": "sort : 3 1\n", "responses": ["1 3", "3 1", "1 4"], "correct": [True, False, False]},
+              {"prompt": "sort : 5 2\n", "responses": ["2 5", "2"], "correct": [True, False]}]
     out = metrics.best_of_n(CountingRM(), tok, groups, max_length=16)
     assert out == {"bon_accuracy": 0.5, "bon_random": pytest.approx((1 / 3 + 1 / 2) / 2), "bon_oracle": 1.0}
     with pytest.raises(ValueError, match="max_length=3 is too short"):
-        metrics.word_rewards(CountingRM(), tok, [("sort : 3 1", "1 3")], max_length=3)
+        metrics.word_rewards(CountingRM(), tok, [("sort : 3 1\n", "1 3")], max_length=3)
 
 
 def test_every_arm_folder_is_a_stage_folder():
     """`icrm train` refuses / overwrites a previous run by its stage folders: every arm's must be one."""
-    from icrm.checkpoint import STAGE_DIRS
+    from icrm.pipeline import STAGE_DIRS
 
     assert {"sft", *ARMS} <= set(STAGE_DIRS)
 

@@ -55,8 +55,8 @@ def no_model_build(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built before the check")
 
-    monkeypatch.setattr("icrm.train.load_causal_lm", refuse)
-    monkeypatch.setattr("icrm.train.build_reward_model", refuse)
+    monkeypatch.setattr("icrm.trainers.load_causal_lm", refuse)
+    monkeypatch.setattr("icrm.trainers.build_reward_model", refuse)
 
 
 # ------------------------------------------------------------------------------------------
@@ -92,12 +92,12 @@ def test_score_bad_input_keeps_the_existing_output(tmp_path, model_dir, capsys, 
 
 
 def test_score_crash_midway_keeps_the_existing_output(tmp_path, model_dir, monkeypatch):
-    import icrm.train
+    import icrm.inference
 
     out = tmp_path / "out.jsonl"
     out.write_text("earlier results\n")
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "sort : 2 1", "response": "1 2"}] * 3)
-    real, calls = icrm.train._score_inputs, []
+    real, calls = icrm.inference._score_inputs, []
 
     def crash_on_third(row, tokenizer):
         calls.append(1)
@@ -105,7 +105,7 @@ def test_score_crash_midway_keeps_the_existing_output(tmp_path, model_dir, monke
             raise RuntimeError("killed mid-way")
         return real(row, tokenizer)
 
-    monkeypatch.setattr(icrm.train, "_score_inputs", crash_on_third)
+    monkeypatch.setattr(icrm.inference, "_score_inputs", crash_on_third)
     with pytest.raises(RuntimeError, match="killed mid-way"):
         main(["score", "--model", model_dir, "--input", src, "--output", str(out)])
     assert out.read_text() == "earlier results\n"
@@ -151,7 +151,7 @@ def test_second_run_into_the_same_output_dir_is_refused(tmp_path, capsys, monkey
     with pytest.raises(IcrmError, match="holds a previous run"):
         RewardTrainer(args=args, train_dataset=ROWS).train()
     train_file = write_jsonl(tmp_path / "train.jsonl", ROWS)
-    monkeypatch.setattr("icrm.train.load_causal_lm", lambda *a, **k: pytest.fail("model built before the check"))
+    monkeypatch.setattr("icrm.trainers.load_causal_lm", lambda *a, **k: pytest.fail("model built before the check"))
     cli = ["train", "--run_sft", "false", "--compare_bt", "false", "--train_file", train_file, "--eval_file", "",
            "--output_dir", str(tmp_path / "run")]
     assert main(cli) == 2  # `icrm train` puts stage folders inside: the whole folder counts
@@ -168,7 +168,7 @@ def test_cli_refuses_a_previous_pipeline_run_before_building_a_model(tmp_path, c
 
 @pytest.mark.parametrize("command", ["train", "sft"])
 def test_output_dir_that_is_a_file_fails_before_any_work(tmp_path, capsys, no_model_build, monkeypatch, command):
-    monkeypatch.setattr("icrm.train.SFTTrainer.__init__", lambda *a, **k: pytest.fail("trainer built before the check"))
+    monkeypatch.setattr("icrm.trainers.SFTTrainer.__init__", lambda *a, **k: pytest.fail("trainer built before the check"))
     (tmp_path / "taken").write_text("a file")
     for output_dir in (tmp_path / "taken", tmp_path / "taken" / "sub"):
         assert main([command, "--output_dir", str(output_dir), "--logging_steps", "1000", "--max_steps", "200"]) == 2
@@ -365,13 +365,13 @@ def test_nonfinite_model_is_never_saved(tmp_path):
 # Data and config
 
 def test_unknown_tokens_and_identical_pairs_warn_with_counts(tok, caplog):
-    english = [{"prompt": "What is the capital of France?", "chosen": "Paris, of course.", "rejected": "It is London."}] * 4
+    english = [{"prompt": "What is the capital of France?\n", "chosen": "Paris, of course.", "rejected": "It is London."}] * 4
     with caplog.at_level("WARNING", logger="icrm"):
         PreferenceDataset(english, tok, 32, name="train")
     assert "train: 52 of 80 tokens (65%) are the unknown token '<unk>'" in caplog.text
     caplog.clear()
-    ties = [{"prompt": "sort : 2 1", "chosen": "1 2", "rejected": "1 2"}] * 2 + \
-           [{"prompt": "sort : 2 1", "chosen": "1 2", "rejected": "2 1"}] * 3
+    ties = [{"prompt": "sort : 2 1\n", "chosen": "1 2", "rejected": "1 2"}] * 2 + \
+           [{"prompt": "sort : 2 1\n", "chosen": "1 2", "rejected": "2 1"}] * 3
     with caplog.at_level("WARNING", logger="icrm"):
         PreferenceDataset(ties, tok, 32, name="train")
     assert "train: 2 of 5 pairs have chosen == rejected" in caplog.text
