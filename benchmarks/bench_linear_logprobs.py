@@ -22,10 +22,10 @@ gradients into ``hidden``, ``weight`` (and ``value_weight``). FLOPs: 2NDV / 6NDV
 
 Usage::
 
-    python benchmarks/bench_linear_logprobs.py --quick      # CPU set, < 5 min on 2 idle cores
-    python benchmarks/bench_linear_logprobs.py --naive-vs-chunked 3   # eager vs reference A/B
-    python benchmarks/bench_linear_logprobs.py              # GPU sweep + ICRM paper recipe
-    python benchmarks/bench_linear_logprobs.py --shapes 16384x4096x128256 --passes fwd+bwd  # chosen shapes
+    python -m benchmarks.bench_linear_logprobs --quick      # CPU set, < 5 min on 2 idle cores
+    python -m benchmarks.bench_linear_logprobs --naive-vs-chunked 3   # eager vs reference A/B
+    python -m benchmarks.bench_linear_logprobs              # GPU sweep + ICRM paper recipe
+    python -m benchmarks.bench_linear_logprobs --shapes 16384x4096x128256 --passes fwd+bwd  # chosen shapes
 
 On a GPU the sweep is the GPU issue's grid (N in {4096, 16384} x D in {2048, 4096} x V in
 {32000, 128256, 256000}, bf16) plus the paper recipe; ``benchmarks/gpu_runbook.py`` runs it
@@ -37,13 +37,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-import harness  # noqa: E402
-from harness import Case, Skip  # noqa: E402
+from benchmarks import harness
+from benchmarks.harness import Case, Skip
 
 OPS = ("linear_logprobs", "linear_logprobs_and_rewards")
 IMPLS = ("reference", "eager", "compile", "torch_linear_ce", "liger", "cce", "triton")
@@ -195,7 +192,7 @@ def build(case: Case, device: str):
     return run
 
 
-BENCH = harness.Benchmark(stem="linear_logprobs", script=__file__, build=build, flops=flops,
+BENCH = harness.Benchmark(stem="linear_logprobs", module="benchmarks.bench_linear_logprobs", build=build, flops=flops,
                           first_call_is_steady=("reference", "reference_naive", "eager", "torch_linear_ce"))
 
 
@@ -234,7 +231,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, choices=sorted(harness.DTYPES),
                         help="dtype of --shapes (default: bf16 on a GPU, fp32 on CPU)")
     parser.add_argument("--passes", default=",".join(PASSES), help="comma-separated passes (fwd, fwd+bwd)")
-    args = parser.parse_args(argv)
+    args = harness.parse(parser, argv)
     kind = harness.device_kind()
     if args.naive_vs_chunked:
         naive_vs_chunked(args.naive_vs_chunked, kind, Path(args.out))

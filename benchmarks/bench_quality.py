@@ -7,13 +7,14 @@ and longer-input pair files (exact prefix values) and best-of-16 sets (``icrm.me
 Arms are paired by seed; the report gives mean and 95% CI per metric and paired differences
 against GRM and BT (t intervals over seeds).
 
-Raw rows go to ``--out`` (default ``benchmarks/results/quality.csv``; columns ``arm, seed,
+Raw rows go to ``--out`` (default ``runs/benchmarks/quality.csv``; the shipped
+``benchmarks/results/quality.csv`` only with ``--update-results``; columns ``arm, seed,
 train_pairs, metric, value, commit``), appended and flushed after every finished arm, so a
 killed study keeps its rows and a rerun skips finished (arm, seed, size) cells.
 
-    python benchmarks/bench_quality.py                 # the full study (~1 h on 2 cores)
-    python benchmarks/bench_quality.py --quick         # 2 seeds, 1 size, few steps (smoke test)
-    python benchmarks/bench_quality.py --report-only   # summary CSV, plot, README section from the rows
+    python -m benchmarks.bench_quality                 # the full study (~1 h on 2 cores)
+    python -m benchmarks.bench_quality --quick         # 2 seeds, 1 size, few steps (smoke test)
+    python -m benchmarks.bench_quality --report-only   # summary CSV, plot, README section from the rows
 """
 
 from __future__ import annotations
@@ -35,11 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import QUALITY_BEGIN as README_BEGIN, QUALITY_END as README_END, split_section  # noqa: E402
+from benchmarks.paths import RESULTS_DIR, RUNS_DIR
+from benchmarks.report import QUALITY_BEGIN as README_BEGIN, QUALITY_END as README_END, split_section
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
 ARMS = ("bt", "grm", "icrm", "icrm_uniform", "icrm_squared")
 COLUMNS = ("arm", "seed", "train_pairs", "metric", "value", "commit")
 #: Written last for every cell: its presence marks the cell finished.
@@ -332,8 +332,11 @@ def report(out: Path, readme: Path) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(RESULTS / "quality.csv"), help="raw rows CSV (appended, resumable)")
-    parser.add_argument("--readme", default=str(RESULTS / "README.md"), help="README whose quality section is rewritten")
+    parser.add_argument("--out", default=str(RUNS_DIR / "quality.csv"), help="raw rows CSV (appended, resumable)")
+    parser.add_argument("--readme", default=str(RUNS_DIR / "README.md"),
+                        help="README whose quality section is rewritten (only if it exists)")
+    parser.add_argument("--update-results", action="store_true",
+                        help=f"write {RESULTS_DIR.relative_to(REPO)}/quality.csv and its README instead")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[500, 1000, 4000])
     parser.add_argument("--arms", type=lambda s: s.split(","), default=list(ARMS))
@@ -344,6 +347,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 seeds, 500 pairs, 60 + 60 steps (a smoke test)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the summary, plot and README section")
     args = parser.parse_args(argv)
+    if args.update_results:
+        args.out, args.readme = str(RESULTS_DIR / "quality.csv"), str(RESULTS_DIR / "README.md")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     bad = [a for a in args.arms if a not in ARMS]
     if bad:
         parser.error(f"--arms: unknown arm(s) {bad}; expected some of {ARMS}")

@@ -125,11 +125,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script from anywhere: import the checkout's plan
-    sys.path.insert(0, str(REPO))
-
-from icrm_kernels.linear_logprobs import plan as plan_module  # noqa: E402
+from icrm_kernels.linear_logprobs import plan as plan_module
 
 COLUMNS = ["impl", "pass", "N", "D", "V", "dtype", "arch", "flops_t", "dram_gb", "atomic_gb", "extra_mb",
            "inputs_grads_mb", "pred_ms", "bound", "live_frac"]

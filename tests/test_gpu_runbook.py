@@ -21,11 +21,10 @@ import pytest
 
 from test_benchmarks import COLUMNS
 
+from benchmarks import gpu_runbook, harness
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import gpu_runbook  # noqa: E402
 
 STAGES = gpu_runbook.STAGES
 
@@ -36,7 +35,7 @@ def dry_run(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("TRITON_INTERPRET", None)  # set by conftest for the kernel tests; the benchmarks choose themselves
     env.pop("OUT", None)
-    cmd = [sys.executable, str(BENCH / "gpu_runbook.py"), "--dry-run", "--out", str(out), "--work", str(work),
+    cmd = [sys.executable, "-m", "benchmarks.gpu_runbook", "--dry-run", "--out", str(out), "--work", str(work),
            "--wheels", str(work / "no_wheels_here"), "--budget", "linear_fwd=0", "--budget", "consistency=2"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -195,8 +194,6 @@ def test_bad_arguments_get_a_clear_error(capsys):
 
 def test_saver_keeps_what_a_cut_off_bench_finished(tmp_path):
     """The benches save after each implementation; the first save replaces an older file."""
-    import harness
-
     env = {"device": "d", "torch": "t", "triton": "", "commit": ""}
 
     def row(impl):
