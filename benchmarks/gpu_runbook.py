@@ -110,7 +110,7 @@ def _gpu_profile() -> Profile:
     from benchmarks.bench_linear_logprobs import GPU_GRID, IMPLS, PAPER_SHAPE
 
     # Most wanted first (others after): a bench call cut off by its budget keeps the implementations it finished.
-    first = ("reference", "triton", "cce", "liger", "eager", "torch_linear_ce", "compile")
+    first = ("reference", "triton", "cublas_3gemm", "cublas_1gemm", "cce", "liger", "eager", "torch_linear_ce", "compile")
     impls = tuple(sorted(IMPLS, key=lambda i: first.index(i) if i in first else len(first)))
     return Profile(target=(16384, 4096, 128256), grid=tuple(GPU_GRID) + (PAPER_SHAPE,), dtype="bf16", impls=impls,
                    ours="triton", budgets=GPU_BUDGETS, shapes_per_chunk=4, chunk_overhead_s=30.0, s_per_case=1.5,
@@ -119,7 +119,8 @@ def _gpu_profile() -> Profile:
 
 #: CPU rehearsal: tiny shapes, the PyTorch implementations without torch.compile (its C++
 #: builds would take most of CI's minute), no longest-T search.
-DRY = Profile(target=(64, 32, 500), grid=((32, 16, 100), (64, 32, 500)), dtype="fp32", impls=("reference", "eager"),
+DRY = Profile(target=(64, 32, 500), grid=((32, 16, 100), (64, 32, 500)), dtype="fp32",
+              impls=("reference", "eager", "cublas_3gemm", "cublas_1gemm"),
               ours="reference", budgets={s: 120 for s in STAGES}, shapes_per_chunk=2, chunk_overhead_s=6.0,
               s_per_case=0.5, s_per_unit=1e-9, bench_flags=("--tiny",), consistency_impls=("reference",),
               search_reserve_s=float("inf"))
@@ -346,9 +347,11 @@ def _rows(csv_path: Path) -> list[dict]:
 
 
 def _cases(shapes, ops, passes, impls, dtype):
+    from benchmarks.bench_linear_logprobs import runs_pass
     from benchmarks.harness import Case
 
-    return [Case(op, impl, p, n, d, v, dtype) for (n, d, v) in shapes for op in ops for p in passes for impl in impls]
+    return [Case(op, impl, p, n, d, v, dtype) for (n, d, v) in shapes for op in ops for p in passes for impl in impls
+            if runs_pass(impl, p)]
 
 
 def stage_linear(run: Run, stage: str, budget: float) -> None:
@@ -512,7 +515,8 @@ def collect(src: Path, into: Path) -> list[Path]:
         print(json.dumps(record, indent=1))
     for path in sorted(merged):
         plot.plot_csv(path)
-    report.main([str(into)])
+    # the shipped results (--update-results) also refresh the README's Performance section
+    report.main(["--update-results"] if into.resolve() == RESULTS_DIR.resolve() else [str(into)])
     return sorted(merged)
 
 

@@ -353,6 +353,9 @@ class Benchmark:
     #: Implementations whose first call costs what later calls cost (no compilation, no
     #: lazily created state): on CPU, their checked first call may be the timed sample.
     first_call_is_steady: tuple = ()
+    #: Implementations that are timed but not checked (bounds such as the bare GEMMs: they
+    #: compute something else than the op).
+    unchecked_impls: tuple = ()
 
 
 # ---------------------------------------------------------------- worker (one implementation)
@@ -375,7 +378,7 @@ def _run_one(bench, case, expected_dir, kind, budget_s, max_reps):
     key_file = expected_dir / (hashlib.sha1(case.key().encode()).hexdigest()[:16] + ".pt")
     want = None
     # ``unchecked`` cases repeat a checked case's code at another size (e.g. a memory probe).
-    checked = not case.extra.get("unchecked", False)
+    checked = not case.extra.get("unchecked", False) and case.impl not in bench.unchecked_impls
     if checked and case.impl != bench.oracle:
         if not key_file.exists():
             return _emit(case, "skipped", reason=f"no {bench.oracle} output to check against (it failed or was not run)")

@@ -20,7 +20,10 @@ from pathlib import Path
 from benchmarks.paths import README, RESULTS_DIR, RUNS_DIR
 from benchmarks.runbook_spec import runbook_section
 
-IMPL_ORDER = ("triton", "reference", "ours", "eager", "compile", "torch_linear_ce", "liger", "cce")
+IMPL_ORDER = ("triton", "reference", "ours", "eager", "compile", "torch_linear_ce", "liger", "cce", "cublas_1gemm",
+              "cublas_3gemm")
+#: The bare-GEMM bound of each pass (``bench_linear_logprobs.py``), measured in the same run.
+BOUND_IMPL = {"fwd": "cublas_1gemm", "fwd+bwd": "cublas_3gemm"}
 KIND_TITLE = {"cpu": "CPU", "cuda": "GPU"}
 
 
@@ -93,8 +96,9 @@ def shape_tables(rows, notes, gemm: bool) -> list[str]:
             cpu_run = any(c.get("cpu_ms") for c in notes.get("cases", []))
             header = ["N", "D", "V", "dtype", "impl", "ms (median)", "p20-p80"] + (["CPU ms"] if cpu_run else []) + [
                 "peak MB", "reps"]
+            bounds = {(r["N"], r["D"], r["V"], r["dtype"]): _num(r["ms"]) for r in sel if r["impl"] == BOUND_IMPL[pass_]}
             if gemm:
-                header += ["TFLOP/s", "of GEMM peak"]
+                header += ["TFLOP/s", "of GEMM peak", f"x bare {BOUND_IMPL[pass_]}"]
             body = []
             for r in sel:
                 note = cases.get(_label(r), {})
@@ -106,7 +110,9 @@ def shape_tables(rows, notes, gemm: bool) -> list[str]:
                 line += [_mb(r["peak_mb"]),
                         "do_bench" if reps is None and r["ms"] != "OOM" else (reps or "")]
                 if gemm:
-                    line += [r["tflops"] or "", f"{float(r['gemm_frac']):.0%}" if r["gemm_frac"] else ""]
+                    bound, ms = bounds.get((r["N"], r["D"], r["V"], r["dtype"])), _num(r["ms"])
+                    line += [r["tflops"] or "", f"{float(r['gemm_frac']):.0%}" if r["gemm_frac"] else "",
+                             f"{ms / bound:.2f}x" if bound and ms else "-"]
                 body.append(line)
             out += [f"**{op}, {pass_}**", ""] + _table(header, body)
     return out
@@ -185,19 +191,26 @@ def naive_vs_chunked(rows, notes, source: str) -> list[str]:
 TARGET = {"op": "linear_logprobs_and_rewards", "pass": "fwd+bwd", "N": 16384, "D": 4096, "V": 128256, "dtype": "bf16"}
 TARGET_GEMM_FRAC = 0.60
 TARGET_EXTRA_MEMORY = 0.10
+#: Against the bare GEMMs of the same run: fwd+bwd within this factor of the three GEMMs' time,
+#: and the forward at least this fraction of one GEMM's rate (its time over ours).
+TARGET_OVER_3GEMM = 1.15
+TARGET_FWD_OF_1GEMM = 0.85
 ITEMSIZE = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def target_check(rows, target: dict = TARGET, ours: str = "triton") -> list[dict]:
-    """The GPU issue's three targets at ``target``'s shape, from one run's rows.
+    """The GPU issue's targets at ``target``'s shape, from one run's rows.
 
     Returns ``[{"target", "value", "met"}]``; ``met`` is None where a number is missing (not
-    measured, OOM, skipped). GEMM fraction: 6NDV FLOPs per call (the reward head's 6ND left
+    measured, OOM, skipped). Bare GEMMs: ours over ``cublas_3gemm`` (fwd+bwd) and ``cublas_1gemm``
+    over ours (fwd, the target's shape), both timed in the same run. GEMM fraction: 6NDV FLOPs per call (the reward head's 6ND left
     out) over the same run's ``torch.matmul`` rate on ``[N, D] x [D, V]``. Extra memory: peak
     beyond the inputs (``peak_mb``, which holds the gradients) minus the gradients, over inputs
     + gradients (hidden, weight, value_weight in the run's dtype, int64 targets).
     """
     sel = {r["impl"]: r for r in rows if all(str(r[k]) == str(v) for k, v in target.items())}
+    fwd = {r["impl"]: r for r in rows if r["pass"] == "fwd"
+           and all(str(r[k]) == str(v) for k, v in target.items() if k != "pass")}
 
     def ms(impl):
         return _num(sel[impl]["ms"]) if impl in sel else None
@@ -221,6 +234,20 @@ def target_check(rows, target: dict = TARGET, ours: str = "triton") -> list[dict
     else:
         checks.append({"target": f">= {TARGET_GEMM_FRAC:.0%} of the run's bf16 GEMM rate (6NDV)", "value": "not measured",
                        "met": None})
+    for name, goal, pair, ratio_of in (
+            (f"fwd+bwd within {TARGET_OVER_3GEMM}x of the bare 3-GEMM cuBLAS time", TARGET_OVER_3GEMM,
+             (sel.get(ours), sel.get("cublas_3gemm")), lambda o, b: o / b),
+            (f"fwd >= {TARGET_FWD_OF_1GEMM:.0%} of one cuBLAS GEMM's rate", TARGET_FWD_OF_1GEMM,
+             (fwd.get(ours), fwd.get("cublas_1gemm")), lambda o, b: b / o)):
+        o, b = (_num(r["ms"]) if r else None for r in pair)
+        if o and b:
+            value = ratio_of(o, b)
+            text = f"{ours} {_ms(str(o))} ms, bare GEMM(s) {_ms(str(b))} ms: " + (
+                f"{value:.2f}x" if "within" in name else f"{value:.0%}")
+            met = value <= goal if "within" in name else value >= goal
+        else:
+            text, met = "not measured", None
+        checks.append({"target": name, "value": text, "met": met})
     params_mb = (n * d + v * d + d) * item / (1024.0 * 1024.0)
     inputs_grads_mb = 2 * params_mb + n * 8 / (1024.0 * 1024.0)
     peak = _num(row.get("peak_mb"))

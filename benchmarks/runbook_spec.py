@@ -12,9 +12,11 @@ STAGES = ("tests", "target", "linear_bwd", "linear_fwd", "consistency", "train_s
 STAGE_WHAT = {
     "tests": "`pytest -m cuda tests`: the CUDA kernel tests",
     "target": "`linear_logprobs_and_rewards` at N=16384, D=4096, V=128256, bf16, fwd+bwd then fwd, every "
-              "implementation; the issue's targets checked on these rows (`targets.json`)",
+              "implementation and the bare cuBLAS GEMMs (`cublas_3gemm`, `cublas_1gemm`); the issue's targets checked "
+              "on these rows (`targets.json`), the goals against the bare GEMMs included",
     "linear_bwd": "the sweep's fwd+bwd: both ops, N in {4096, 16384} x D in {2048, 4096} x V in {32000, 128256, "
-                  "256000} + the ICRM paper shape (6144, 2048, 256000), bf16, smallest shapes first",
+                  "256000} + the ICRM paper shape (6144, 2048, 256000), bf16, smallest shapes first; every row "
+                  "also as a ratio to the bare 3-GEMM time of its shape",
     "linear_fwd": "the same sweep, fwd",
     "consistency": "`consistency_loss` fwd+bwd, padded and packed, 64k to 4M tokens",
     "train_step": "one ICRM step of a Llama-3.2-1B-shaped config (ours vs eager), then the longest sequence "

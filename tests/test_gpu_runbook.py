@@ -81,13 +81,16 @@ def test_every_stage_wrote_its_results(dry_run):
             csv_rows(files[f"{stem}_cpu.csv"])  # present, with the house columns, even where nothing ran
             assert f"{stem}_cpu.notes.json" in files
     target = csv_rows(members(out, "target")["linear_logprobs_cpu.csv"])
-    assert timed(target) == {("linear_logprobs_and_rewards", impl, p, "64") for impl in ("reference", "eager")
-                             for p in ("fwd", "fwd+bwd")}
+    bounds = {("cublas_1gemm", "fwd"), ("cublas_3gemm", "fwd+bwd")}  # the bare GEMMs, one pass each
+    assert timed(target) == {("linear_logprobs_and_rewards", impl, p, "64") for impl, p in
+                             {(i, p) for i in ("reference", "eager") for p in ("fwd", "fwd+bwd")} | bounds}
     checks = json.loads(members(out, "target")["targets.json"])["checks"]
-    assert len(checks) == 4 and all(c["met"] is None for c in checks[:2])  # no peers in the dry run
+    assert len(checks) == 6 and all(c["met"] is None for c in checks[:2])  # no peers in the dry run
+    against_bounds = [c for c in checks if "bare 3-GEMM" in c["target"] or "one cuBLAS GEMM" in c["target"]]
+    assert len(against_bounds) == 2 and all(c["met"] is not None for c in against_bounds)
     bwd = csv_rows(members(out, "linear_bwd")["linear_logprobs_cpu.csv"])
     # The grid at fwd+bwd, except the target op at the target shape (the target stage's).
-    assert timed(bwd) == {(op, impl, "fwd+bwd", n) for impl in ("reference", "eager")
+    assert timed(bwd) == {(op, impl, "fwd+bwd", n) for impl in ("reference", "eager", "cublas_3gemm")
                           for op, n in [("linear_logprobs", "32"), ("linear_logprobs_and_rewards", "32"), ("linear_logprobs", "64")]}
     train = csv_rows(members(out, "train_step")["train_step_cpu.csv"])
     assert {r["impl"] for r in train if r["ms"]} == {"ours", "eager"}
@@ -168,7 +171,8 @@ def test_budget_logic():
 
 def test_linear_chunks_cover_the_grid_smallest_first():
     profile = gpu_runbook._gpu_profile()
-    assert profile.impls[:2] == ("reference", "triton")  # the oracle, then ours: a cut-off call keeps them
+    # the oracle, ours, then the bare GEMMs of the goals: a cut-off call keeps them
+    assert profile.impls[:4] == ("reference", "triton", "cublas_3gemm", "cublas_1gemm")
     for stage, passes in (("linear_bwd", ("fwd+bwd",)), ("linear_fwd", ("fwd",))):
         chunks = gpu_runbook.linear_chunks(profile, stage)
         covered = [(s, op) for shapes, ops, p in chunks for s in shapes for op in ops]
