@@ -142,23 +142,28 @@ def ours(s: Shape, with_backward: bool, dgrad_pipelined: bool | None = None) -> 
     f = s.live_frac
 
     def chunk_launches(start: int, size: int) -> list[SimLaunch]:
-        k1, dgrad = p.backward_launches(start, size)
+        launches = p.backward_launches(start, size)
+        k1 = next(lc for lc in launches if lc.kernel == "_dlogits_kernel")
+        dgrad = next(lc for lc in launches if lc.kernel == "_dgrad_kernel")
+        # launches the plan may add around them (e.g. a live-tile compaction): bandwidth-bound
+        others = [SimLaunch(lc.kernel, 0, 1, lambda pid: []) for lc in launches if lc not in (k1, dgrad)]
         flops = 2.0 * k1.rows * s.D * k1.vocab
         k1_st = structure(k1)
-        dgrad_work = tuple((f * flops, structure(part, dgrad)) for part in dgrad.parts)
-        out = []
+        parts = dgrad.parts or (dgrad,)
+        dgrad_work = tuple((2 * f * flops / len(parts), structure(part, dgrad)) for part in parts)
+        out = list(others)
         # The dgrad's two parts: an unpipelined K loop tests a flag every K step (a dead step
         # costs DEAD_STEP_CYCLES); a pipelined one walks the compacted live tiles (one compaction
         # launch per chunk, a list head load per program).
         dead_cycles = 0.0
-        for part, (_, st) in zip(dgrad.parts, dgrad_work):
+        for part, (_, st) in zip(parts, dgrad_work):
             ctas = ctas_per_sm(st, esize, hw)
             k_per_flag = (k1.flag_n if part.kernel == "_dhidden_kernel" else k1.flag_m) / part.config.block_k
             if st.pipelined:
                 dead_cycles += part.grid[0] * LOAD_LATENCY_CYCLES / ctas
             else:
                 dead_cycles += (1 - f) * part.grid[0] * part.k_tiles * k_per_flag * DEAD_STEP_CYCLES / ctas
-        if any(st.pipelined for _, st in dgrad_work):
+        if any(st.pipelined for _, st in dgrad_work) and not others:
             flags = plan_module.flag_bytes(k1.rows, k1.vocab, plan_module.configs(s.dtype, s.arch))
             out.append(SimLaunch("live-tile compaction", 0, 1, lambda pid: [], fixed_dram=3 * flags))
         dgrad_launch = launch(dgrad, dgrad_work, overhead_cycles=dead_cycles)
