@@ -274,6 +274,9 @@ def test_l2_cap_binds_for_a_small_tile_not_a_large_one():
     cost = simulator.KernelCost("gemm", ((flops, st),), 0.0, 0.0, 1.0)
     slow_l2 = timing.kernel_ms(cost, SMALL, timing.Assumptions(l2_tbps=5.0))[0]
     assert slow_l2 > timing.kernel_ms(cost, SMALL)[0]
+    # cuBLAS's measured rate already includes its L2 traffic: not capped again
+    blas = simulator.KernelCost("gemm", ((flops, implementations.CUBLAS_LARGE),), 0.0, 0.0, 1.0)
+    assert timing.kernel_ms(blas, SMALL, timing.Assumptions(l2_tbps=1.0))[1] == "compute"
 
 
 def test_cce_runs_its_real_configs_and_sorts_its_vocabulary():

@@ -7,8 +7,9 @@ Time of a launch: ``max(compute, L2, DRAM) + LAUNCH_US``, where
   utilisation)`` + exponentials / the SFU rate + ``EPILOGUE_FP32_OPS`` per exponential at the FP32
   rate + overhead cycles (dead K steps, dead tiles) / (SMs x clock). The softmax is added, not
   overlapped with the MMAs (Triton kernels without warp specialisation; an upper bound);
-* L2 = (operand bytes each tile reads from L2, ``(bm + bn) x bk`` per K step, + atomic / lock
-  bytes) / L2 bandwidth: the cap that binds for small tiles;
+* L2 = (operand bytes each Triton tile reads from L2, ``(bm + bn) x bk`` per K step, + atomic /
+  lock bytes) / L2 bandwidth: the cap that binds for small tiles (cuBLAS's given rate already
+  includes its L2 traffic);
 * DRAM = the simulated DRAM bytes / DRAM bandwidth.
 """
 
@@ -43,7 +44,10 @@ def kernel_ms(k: KernelCost, s: Shape, a: Assumptions = BASE) -> tuple[float, st
     mma = sum(f / (rate * efficiency(st, hw, esize, a.eff_scale)[0] * util) for f, st in k.work)
     softmax = k.exps / (hw.sfu_tflops * 1e12) + k.exps * EPILOGUE_FP32_OPS / (hw.gemm_tflops["fp32"] * 1e12)
     overhead = k.overhead_cycles / (hw.sms * hw.clock_ghz * 1e9)
-    l2_bytes = sum(f * l2_bytes_per_flop(st, esize) for f, st in k.work) + k.atomic_bytes
+    # cuBLAS's given efficiency is a measured rate that already includes its L2 traffic (its
+    # clusters multicast operands): only Triton structures are capped here.
+    l2_bytes = sum(f * l2_bytes_per_flop(st, esize) for f, st in k.work if not st.mma.startswith("cublas_")) \
+        + k.atomic_bytes
     terms = {"compute": mma + softmax + overhead,
              "l2": l2_bytes / ((a.l2_tbps or hw.l2_tbps) * 1e12),
              "dram": k.dram_bytes / (hw.dram_tbps * 1e12)}
