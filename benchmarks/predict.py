@@ -7,7 +7,7 @@ Usage::
 
     python -m benchmarks.predict                                   # the headline shape, printed
     python -m benchmarks.predict --shape 4096,2048,32000 --format markdown
-    python -m benchmarks.predict --update-results                  # benchmarks/results/predicted_sm_90.*
+    python -m benchmarks.predict --update-results                  # benchmarks/results/predicted_sm_90.*, the GPU grid
     python -m benchmarks.predict --calibrate                       # refit Liger's cuBLAS efficiency
 
 It writes ``runs/benchmarks/predicted_<arch>.csv`` (or ``--out DIR``; the shipped
@@ -225,6 +225,15 @@ def notes(arch: str, dtype: str = "bf16", shape=HEADLINE_SHAPE, live: float = DE
 # ------------------------------------------------------------------------------------------------
 
 
+def shipped_shapes() -> list[tuple[int, int, int]]:
+    """The shipped table's shapes (``--update-results`` without ``--shape``): the headline first
+    (the notes' goals and sensitivity are at the first shape), then the GPU sweep's grid and the
+    ICRM paper's shape (``bench_linear_logprobs``)."""
+    from benchmarks.bench_linear_logprobs import GPU_GRID, PAPER_SHAPE
+
+    return [HEADLINE_SHAPE] + [s for s in GPU_GRID + [PAPER_SHAPE] if s != HEADLINE_SHAPE]
+
+
 def parse_shapes(values: list[str]) -> list[tuple[int, int, int]]:
     shapes = []
     for value in values:
@@ -285,7 +294,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", action="append", default=[], metavar="N,D,V",
                         help="shape to predict (repeatable, or several separated by ';'; default "
-                             f"{','.join(map(str, HEADLINE_SHAPE))})")
+                             f"{','.join(map(str, HEADLINE_SHAPE))}, with --update-results the GPU sweep's grid)")
     parser.add_argument("--dtype", default="bf16", help=f"one of {tuple(DTYPE_BYTES)}")
     parser.add_argument("--arch", default="sm_90", help=f"one of {tuple(ARCHS)}")
     parser.add_argument("--format", default="table", help="table | csv | markdown (what is printed)")
@@ -302,7 +311,7 @@ def main(argv=None) -> int:
         if args.calibrate:
             print(f"CUBLAS['liger_chunked'] = {calibrate(cache)['liger_chunked']}  (hardware.py)")
             return 0
-        shapes = parse_shapes(args.shape or [",".join(map(str, HEADLINE_SHAPE))])
+        shapes = parse_shapes(args.shape) if args.shape else shipped_shapes() if args.update_results else [HEADLINE_SHAPE]
         fracs = _live_frac(args.live_frac)
         rows = rows_for(shapes, args.dtype, args.arch, fracs, _impls(args.impls), args.format, cache)
     except ValueError as exc:

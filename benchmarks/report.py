@@ -98,7 +98,7 @@ def shape_tables(rows, notes, gemm: bool) -> list[str]:
                 "peak MB", "reps"]
             bounds = {(r["N"], r["D"], r["V"], r["dtype"]): _num(r["ms"]) for r in sel if r["impl"] == BOUND_IMPL[pass_]}
             if gemm:
-                header += ["TFLOP/s", "of GEMM peak", f"x bare {BOUND_IMPL[pass_]}"]
+                header += ["TFLOP/s", "of GEMM peak"] + ([f"x bare {BOUND_IMPL[pass_]}"] if bounds else [])
             body = []
             for r in sel:
                 note = cases.get(_label(r), {})
@@ -111,8 +111,9 @@ def shape_tables(rows, notes, gemm: bool) -> list[str]:
                         "do_bench" if reps is None and r["ms"] != "OOM" else (reps or "")]
                 if gemm:
                     bound, ms = bounds.get((r["N"], r["D"], r["V"], r["dtype"])), _num(r["ms"])
-                    line += [r["tflops"] or "", f"{float(r['gemm_frac']):.0%}" if r["gemm_frac"] else "",
-                             f"{ms / bound:.2f}x" if bound and ms else "-"]
+                    line += [r["tflops"] or "", f"{float(r['gemm_frac']):.0%}" if r["gemm_frac"] else ""]
+                    if bounds:
+                        line.append(f"{ms / bound:.2f}x" if bound and ms else "-")
                 body.append(line)
             out += [f"**{op}, {pass_}**", ""] + _table(header, body)
     return out
@@ -460,10 +461,12 @@ def _structures_table(notes) -> list[str]:
         return []
     present = notes.get("plan_attributes_read", {}).get("present", {})
     missing = [k for k, v in present.items() if not v]
+    defaults = notes.get("plan_attributes_read", {}).get("pipelined_default", {})
+    unpiped = [k for k, v in defaults.items() if not v]
     plan_note = (f" Plan attributes read besides the block sizes, warps and stages: "
-                 f"{', '.join(f'`{k}`' for k in present)}; absent today (defaults used: "
-                 f"{notes.get('plan_attributes_read', {}).get('pipelined_default')}): "
-                 f"{', '.join(f'`{k}`' for k in missing) or 'none'}.") if present else ""
+                 f"{', '.join(f'`{k}`' for k in present)}; absent from today's plan: "
+                 f"{', '.join(f'`{k}`' for k in missing) or 'none'} (then {', '.join(f'`{k}`' for k in unpiped)} "
+                 f"count as unpipelined, the other kernels as pipelined, and wgmma on sm_90).") if present else ""
     return (["**Kernel structures** at the headline shape (efficiency relative to the measured cuBLAS rate; L2 "
              "bytes per FLOP set the L2 cap)." + plan_note, ""]
             + _table(["impl", "kernel", "structure", "efficiency", "L2 B/FLOP", "source"], body))
