@@ -13,8 +13,8 @@ resident 256 MiB buffers: read + write) to compare with.
 
 Usage::
 
-    python benchmarks/bench_consistency.py --quick     # CPU
-    python benchmarks/bench_consistency.py             # GPU: 64k .. 4M tokens
+    python -m benchmarks.bench_consistency --quick     # CPU
+    python -m benchmarks.bench_consistency             # GPU: 64k .. 4M tokens
 """
 
 from __future__ import annotations
@@ -23,13 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-import harness  # noqa: E402
-from harness import Case  # noqa: E402
+from benchmarks import harness
+from benchmarks.harness import Case
 
 IMPLS = ("reference", "triton", "compile")
 LAYOUTS = ("padded", "packed")
@@ -119,14 +116,14 @@ def copy_gbps(kind: str) -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
-BENCH = harness.Benchmark(stem="consistency", script=__file__, build=build, gemm_peak=False)
+BENCH = harness.Benchmark(stem="consistency", module="benchmarks.bench_consistency", build=build, gemm_peak=False)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if harness.worker_main(BENCH, argv):
         return 0
-    args = harness.common_args(__doc__.splitlines()[0]).parse_args(argv)
+    args = harness.parse(harness.common_args(__doc__.splitlines()[0]), argv)
     kind = harness.device_kind()
     mode = "tiny" if args.tiny else "quick" if args.quick else kind
     impls = IMPLS if args.impls is None else tuple(args.impls.split(","))

@@ -12,6 +12,12 @@ Implementations (``impl``):
   ``impl="cce"`` on GPU and ``impl="torch_compile"`` on CPU (logp = -loss).
 * ``triton`` / ``reference``: ours, ``backend="triton"`` / ``backend="reference"`` (row-chunked
   recompute on large N*V). ``reference`` is the oracle every other output is checked against.
+* ``cublas_1gemm`` (fwd) / ``cublas_3gemm`` (fwd+bwd): the bound the GPU goals are stated against,
+  timed in the same run and not checked (they compute something else): ``torch.matmul`` of
+  ``hidden @ weight^T`` into ``[N, V]`` logits, and for fwd+bwd also ``logits @ weight`` and
+  ``logits^T @ hidden`` (the two backward GEMMs, the logits standing in for their gradient), no
+  softmax. Goals: ours fwd+bwd within 1.15x of ``cublas_3gemm``, ours fwd at least 85% of
+  ``cublas_1gemm``'s rate (``report.target_check``).
 * ``reference_naive`` (``--naive-vs-chunked`` only): the library's unchunked oracle
   ``linear_logprobs_reference`` (full logits, ``logsumexp``), the "naive" of the foundation issue.
 
@@ -22,10 +28,10 @@ gradients into ``hidden``, ``weight`` (and ``value_weight``). FLOPs: 2NDV / 6NDV
 
 Usage::
 
-    python benchmarks/bench_linear_logprobs.py --quick      # CPU set, < 5 min on 2 idle cores
-    python benchmarks/bench_linear_logprobs.py --naive-vs-chunked 3   # eager vs reference A/B
-    python benchmarks/bench_linear_logprobs.py              # GPU sweep + ICRM paper recipe
-    python benchmarks/bench_linear_logprobs.py --shapes 16384x4096x128256 --passes fwd+bwd  # chosen shapes
+    python -m benchmarks.bench_linear_logprobs --quick      # CPU set, < 5 min on 2 idle cores
+    python -m benchmarks.bench_linear_logprobs --naive-vs-chunked 3   # eager vs reference A/B
+    python -m benchmarks.bench_linear_logprobs              # GPU sweep + ICRM paper recipe
+    python -m benchmarks.bench_linear_logprobs --shapes 16384x4096x128256 --passes fwd+bwd  # chosen shapes
 
 On a GPU the sweep is the GPU issue's grid (N in {4096, 16384} x D in {2048, 4096} x V in
 {32000, 128256, 256000}, bf16) plus the paper recipe; ``benchmarks/gpu_runbook.py`` runs it
@@ -37,16 +43,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-import harness  # noqa: E402
-from harness import Case, Skip  # noqa: E402
+from benchmarks import harness
+from benchmarks.harness import Case, Skip
 
 OPS = ("linear_logprobs", "linear_logprobs_and_rewards")
-IMPLS = ("reference", "eager", "compile", "torch_linear_ce", "liger", "cce", "triton")
+IMPLS = ("reference", "eager", "compile", "torch_linear_ce", "liger", "cce", "triton", "cublas_1gemm", "cublas_3gemm")
+#: The bare-GEMM bounds and the one pass each is timed in.
+BOUND_PASS = {"cublas_1gemm": "fwd", "cublas_3gemm": "fwd+bwd"}
 PASSES = ("fwd", "fwd+bwd")
 #: ICRM paper recipe (gemma-2b): 3 pairs x 1024 tokens x 2 rows = 6144 tokens, D=2048, V=256000.
 PAPER_SHAPE = (6144, 2048, 256000)
@@ -74,6 +79,11 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
         raise SystemExit(f"--shapes: expected comma-separated NxDxV of positive integers (e.g. 16384x4096x128256), "
                          f"got {text!r}")
     return [(int(n), int(d), int(v)) for n, d, v in parts]
+
+
+def runs_pass(impl: str, pass_: str) -> bool:
+    """Every implementation runs both passes except the bounds, one each (``BOUND_PASS``)."""
+    return BOUND_PASS.get(impl, pass_) == pass_
 
 
 def flops(case: Case) -> float:
@@ -147,10 +157,27 @@ def _peer_logprobs(impl: str, device: str):
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
+def bare_gemms(case: Case, device: str):
+    """``cublas_1gemm`` / ``cublas_3gemm``: the bare GEMMs of the op's shape (module doc)."""
+    x = make_inputs(case, device)
+    hidden, weight = x["hidden"], x["weight"]
+
+    def run() -> dict:
+        logits = torch.matmul(hidden, weight.T)
+        if case.impl == "cublas_3gemm":
+            torch.matmul(logits, weight)
+            torch.matmul(logits.T, hidden)
+        return {}
+
+    return run
+
+
 def build(case: Case, device: str):
     """The callable one measurement runs: forward (no_grad) or forward + backward."""
     import icrm_kernels
 
+    if case.impl in BOUND_PASS:
+        return bare_gemms(case, device)
     x = make_inputs(case, device)
     with_rewards = case.op == "linear_logprobs_and_rewards"
     backward = case.pass_ == "fwd+bwd"
@@ -195,8 +222,9 @@ def build(case: Case, device: str):
     return run
 
 
-BENCH = harness.Benchmark(stem="linear_logprobs", script=__file__, build=build, flops=flops,
-                          first_call_is_steady=("reference", "reference_naive", "eager", "torch_linear_ce"))
+BENCH = harness.Benchmark(stem="linear_logprobs", module="benchmarks.bench_linear_logprobs", build=build, flops=flops,
+                          first_call_is_steady=("reference", "reference_naive", "eager", "torch_linear_ce"),
+                          unchecked_impls=tuple(BOUND_PASS))
 
 
 def naive_vs_chunked(rounds: int, kind: str, out: Path) -> None:
@@ -234,7 +262,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, choices=sorted(harness.DTYPES),
                         help="dtype of --shapes (default: bf16 on a GPU, fp32 on CPU)")
     parser.add_argument("--passes", default=",".join(PASSES), help="comma-separated passes (fwd, fwd+bwd)")
-    args = parser.parse_args(argv)
+    args = harness.parse(parser, argv)
     kind = harness.device_kind()
     if args.naive_vs_chunked:
         naive_vs_chunked(args.naive_vs_chunked, kind, Path(args.out))
@@ -252,7 +280,7 @@ def main(argv=None) -> int:
         dtype = args.dtype or ("bf16" if mode == "cuda" else "fp32")
         grid = [(op, n, d, v, dtype) for op in OPS for (n, d, v) in parse_shapes(args.shapes)]
     cases = [Case(op, impl, p, n, d, v, dt) for (op, n, d, v, dt) in grid for p in passes for impl in impls
-             if op in ops and (sizes is None or n in sizes)]
+             if op in ops and (sizes is None or n in sizes) and runs_pass(impl, p)]
     budget = args.budget_s if args.budget_s is not None else {"tiny": 0.02, "quick": 1.5}.get(mode, 10.0)
     save = harness.saver("linear_logprobs", kind, Path(args.out), append=args.append)
     rows, notes = harness.run_cases(BENCH, cases, kind, budget_s=budget, max_reps=5 if mode != "tiny" else 2,

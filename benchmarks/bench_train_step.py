@@ -49,8 +49,8 @@ stopped at T = 4096 under the 2048 MB cap, with 1 GB extra at T = 4096.)
 
 Usage::
 
-    python benchmarks/bench_train_step.py --quick   # CPU, small Llama config
-    python benchmarks/bench_train_step.py           # GPU, Llama-3.2-1B-style config (D=2048, V=128256), bf16
+    python -m benchmarks.bench_train_step --quick   # CPU, small Llama config
+    python -m benchmarks.bench_train_step           # GPU, Llama-3.2-1B-style config (D=2048, V=128256), bf16
 """
 
 from __future__ import annotations
@@ -62,14 +62,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import harness  # noqa: E402
-from harness import Case  # noqa: E402
+from benchmarks import harness
+from benchmarks.harness import Case
 
 IMPLS = ("ours", "eager")
 IGNORE = -100
@@ -264,7 +261,7 @@ def build(case: Case, device: str):
     return {"ours": build_ours, "eager": build_eager}[case.impl](case, device)
 
 
-BENCH = harness.Benchmark(stem="train_step", script=__file__, build=build, oracle="ours", gemm_peak=False)
+BENCH = harness.Benchmark(stem="train_step", module="benchmarks.bench_train_step", build=build, oracle="ours", gemm_peak=False)
 
 
 def make_case(impl, config, pairs, length, dtype, unchecked=False, packed=False) -> Case:
@@ -347,7 +344,7 @@ def main(argv=None) -> int:
                              "evenly between the implementations' searches (the results so far are kept)")
     parser.add_argument("--start-t", type=int, default=256, help="first T of the longest-sequence search (doubled)")
     parser.add_argument("--packed", action="store_true", help="ours: padding-free packed rows (train_step_packed_*.csv)")
-    args = parser.parse_args(argv)
+    args = harness.parse(parser, argv)
     start = time.monotonic()
     kind = harness.device_kind()
     mode = "tiny" if args.tiny else "quick" if args.quick else kind

@@ -10,11 +10,12 @@ kernels' rounding (which the three-way tests cover). Two logit distributions:
   tokens per row well above the rest, targets sampled from the model's own softmax;
 * flat: small random logits, uniform targets (the filter's worst case: nothing is skipped).
 
-    python benchmarks/filter_accuracy.py        # about a minute on 2 CPU cores
+    python -m benchmarks.filter_accuracy        # about a minute on 2 CPU cores; prints only
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import torch
@@ -71,7 +72,9 @@ def g_of(n, gen):
     return torch.randn(n, generator=gen, dtype=torch.float64) / n  # a mean loss's upstream scale
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     cfg = plan.configs("bf16", "sm_90").dlogits
     print(f"tile {cfg.block_m} x {cfg.block_n}; error = max|x - gold| / max|gold|")
     print("dist    dtype eps        live_tiles  d_hidden_err  d_weight_err  eager_d_hidden  eager_d_weight")

@@ -34,15 +34,20 @@ The device tool allows 10 minutes a call and 30 minutes in all, so the runbook r
 four calls of :data:`CALLS` (``--time-budget-s``, default 560 s, bounds one call), each with
 ``carry: [".whl"]``::
 
-    python3 benchmarks/gpu_runbook.py --stages tests,target             # <= 6.5 min + setup
-    python3 benchmarks/gpu_runbook.py --stages linear_bwd               # <= 8 min + setup
-    python3 benchmarks/gpu_runbook.py --stages linear_fwd,consistency   # <= 4.5 min + setup
-    python3 benchmarks/gpu_runbook.py --stages train_step               # <= 3.5 min + setup
+    python3 -m benchmarks.gpu_runbook --stages tests,target             # <= 6.5 min + setup
+    python3 -m benchmarks.gpu_runbook --stages linear_bwd               # <= 8 min + setup
+    python3 -m benchmarks.gpu_runbook --stages linear_fwd,consistency   # <= 4.5 min + setup
+    python3 -m benchmarks.gpu_runbook --stages train_step               # <= 3.5 min + setup
 
-Back on a machine with the repository, merge what came back into ``benchmarks/results``
-(rows merged by case; plots and both READMEs regenerated)::
+Back on a machine with the repository, merge what came back (rows merged by case; plots and
+READMEs regenerated) into ``runs/benchmarks`` to look at it, then into the shipped
+``benchmarks/results`` and the README's Performance section::
 
-    python benchmarks/gpu_runbook.py --collect DIR_WITH_THE_RETURNED_FILES
+    python -m benchmarks.gpu_runbook --collect DIR_WITH_THE_RETURNED_FILES
+    python -m benchmarks.gpu_runbook --collect DIR_WITH_THE_RETURNED_FILES --update-results
+
+The runbook runs from the repository root (``python3 -m benchmarks.gpu_runbook``; on a bare
+machine ``PYTHONPATH=$PWD`` is all it needs) and starts every bench as ``python -m benchmarks.<bench>``.
 
 ``--dry-run`` runs the same stages on the CPU with tiny shapes and the plain PyTorch
 implementations (``tests/test_gpu_runbook.py`` runs it in CI, so the runbook cannot rot).
@@ -67,36 +72,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(BENCH_DIR))
+from benchmarks.paths import REPO_ROOT, RESULTS_DIR, RUNS_DIR
+from benchmarks.runbook_spec import CALLS, GPU_BUDGETS, RECORD, STAGE_WHAT, STAGES  # noqa: F401
 
-STAGES = ("tests", "target", "linear_bwd", "linear_fwd", "consistency", "train_step")
-STAGE_WHAT = {
-    "tests": "`pytest -m cuda tests`: the CUDA kernel tests",
-    "target": "`linear_logprobs_and_rewards` at N=16384, D=4096, V=128256, bf16, fwd+bwd then fwd, every "
-              "implementation; the issue's targets checked on these rows (`targets.json`)",
-    "linear_bwd": "the sweep's fwd+bwd: both ops, N in {4096, 16384} x D in {2048, 4096} x V in {32000, 128256, "
-                  "256000} + the ICRM paper shape (6144, 2048, 256000), bf16, smallest shapes first",
-    "linear_fwd": "the same sweep, fwd",
-    "consistency": "`consistency_loss` fwd+bwd, padded and packed, 64k to 4M tokens",
-    "train_step": "one ICRM step of a Llama-3.2-1B-shaped config (ours vs eager), then the longest sequence "
-                  "that fits, until the budget runs out",
-}
-#: Wall-clock seconds per stage on the GPU: 22.5 minutes together, so that with the machine's start,
-#: the transfers and each call's setup the run stays within the issue's 25 minutes.
-GPU_BUDGETS = {"tests": 150, "target": 240, "linear_bwd": 480, "linear_fwd": 180, "consistency": 90,
-               "train_step": 210}
-#: The device tool's calls, in order: each stays within one call's 10 minutes.
-CALLS = ("tests,target", "linear_bwd", "linear_fwd,consistency", "train_step")
 LINEAR_OPS = ("linear_logprobs", "linear_logprobs_and_rewards")
 TARGET_OP = "linear_logprobs_and_rewards"
 #: Peer implementations that come from carried wheels: impl -> (distribution, module).
 PEERS = {"liger": ("liger-kernel", "liger_kernel"), "cce": ("cut-cross-entropy", "cut_cross_entropy")}
 #: Relative cost of a pass in the budget's work units (fwd+bwd is about three GEMMs of fwd's one).
 PASS_WEIGHT = {"fwd": 1.0, "fwd+bwd": 3.0}
-#: What ``--collect`` keeps of a run beside the CSVs (versions, the tests' summary, the targets).
-RECORD = "gpu_runbook.json"
 #: The CUDA tests (on a CPU, the dry run collects them and they skip).
 PYTEST_ARGS = ("-m", "cuda", "tests")
 
@@ -123,10 +107,10 @@ class Profile:
 
 
 def _gpu_profile() -> Profile:
-    from bench_linear_logprobs import GPU_GRID, IMPLS, PAPER_SHAPE
+    from benchmarks.bench_linear_logprobs import GPU_GRID, IMPLS, PAPER_SHAPE
 
     # Most wanted first (others after): a bench call cut off by its budget keeps the implementations it finished.
-    first = ("reference", "triton", "cce", "liger", "eager", "torch_linear_ce", "compile")
+    first = ("reference", "triton", "cublas_3gemm", "cublas_1gemm", "cce", "liger", "eager", "torch_linear_ce", "compile")
     impls = tuple(sorted(IMPLS, key=lambda i: first.index(i) if i in first else len(first)))
     return Profile(target=(16384, 4096, 128256), grid=tuple(GPU_GRID) + (PAPER_SHAPE,), dtype="bf16", impls=impls,
                    ours="triton", budgets=GPU_BUDGETS, shapes_per_chunk=4, chunk_overhead_s=30.0, s_per_case=1.5,
@@ -135,7 +119,8 @@ def _gpu_profile() -> Profile:
 
 #: CPU rehearsal: tiny shapes, the PyTorch implementations without torch.compile (its C++
 #: builds would take most of CI's minute), no longest-T search.
-DRY = Profile(target=(64, 32, 500), grid=((32, 16, 100), (64, 32, 500)), dtype="fp32", impls=("reference", "eager"),
+DRY = Profile(target=(64, 32, 500), grid=((32, 16, 100), (64, 32, 500)), dtype="fp32",
+              impls=("reference", "eager", "cublas_3gemm", "cublas_1gemm"),
               ours="reference", budgets={s: 120 for s in STAGES}, shapes_per_chunk=2, chunk_overhead_s=6.0,
               s_per_case=0.5, s_per_unit=1e-9, bench_flags=("--tiny",), consistency_impls=("reference",),
               search_reserve_s=float("inf"))
@@ -178,57 +163,6 @@ def affordable(estimate: float, left_s: float, calibrated: bool, margin: float =
 def stage_budgets(stages, defaults: dict, call_s: float, overrides: dict) -> dict:
     """Each stage's budget: its default or override, never more than the call's budget."""
     return {s: min(float(overrides.get(s, defaults[s])), call_s) for s in stages}
-
-
-def runbook_section(results_dir: Path) -> list[str]:
-    """The "GPU runbook" section of ``benchmarks/results/README.md`` (``report.py`` renders it),
-    with what ``--collect`` recorded of the last run in ``results_dir``."""
-    calls = []
-    for i, stages in enumerate(CALLS, 1):
-        names = stages.split(",")
-        calls.append([i, f"`python3 benchmarks/gpu_runbook.py --stages {stages}`",
-                      ", ".join(f"{s} ({GPU_BUDGETS[s]} s)" for s in names),
-                      f"at most {sum(GPU_BUDGETS[s] for s in names) / 60:.1f} min + setup"])
-    lines = ["## GPU runbook", "",
-             "`benchmarks/gpu_runbook.py` is everything a lent GPU machine (H100/H200, torch, Triton and "
-             "transformers preinstalled, no package registry) should run, ready so that its time goes to measuring. "
-             "Beforehand, on a machine with the package registry: `bash benchmarks/fetch_wheels.sh` (fills the "
-             "git-ignored `.whl/` with the liger-kernel and cut-cross-entropy wheels, about 1 MB).", "",
-             "The device tool's calls, in order and back to back (a machine stays warm only briefly between calls), "
-             "each with `carry: [\".whl\"]` and `timeout_s: 600`; every call first installs the wheels and prints the "
-             "versions (setup, well under a minute), since a call may get a fresh machine. The budgets add up to "
-             f"{sum(GPU_BUDGETS.values()) / 60:.1f} minutes, leaving room in the issue's 25 for the machine's start "
-             "and the transfers:", ""]
-    lines += ["| call | command | stages (budget) | expected |", "|---|---|---|---|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in calls] + [""]
-    lines += ["| stage | what |", "|---|---|"] + [f"| `{s}` | {STAGE_WHAT[s]} |" for s in STAGES] + [""]
-    lines += ["A stage skips what its budget cannot afford (smallest shapes first, so a cut keeps the rest; notes "
-              "say `budget: ...`); `--time-budget-s` (560 s) bounds one call. What comes back: `$OUT/<stage>.tar.gz` "
-              "per stage (CSV, notes, plots, the stage's README, `env.json`, its log; `junit.xml` for the tests, "
-              "`targets.json` for the target) and `$OUT/runbook.log`, rewritten as each stage goes, so a call that is "
-              "cut off still returns what it measured. Then, here:", "",
-              "```", "python benchmarks/gpu_runbook.py --collect DIR_WITH_THE_RETURNED_FILES   # merges into "
-              "benchmarks/results, regenerates plots and READMEs", "```", "",
-              "Shapes that a budget skipped can be run in a later call: "
-              "`python3 benchmarks/gpu_runbook.py --stages linear_bwd --shapes 16384x4096x256000`. "
-              "`python benchmarks/gpu_runbook.py --dry-run` rehearses every stage on the CPU with tiny shapes "
-              "(`tests/test_gpu_runbook.py` runs it in CI).", ""]
-    if (results_dir / RECORD).exists():
-        rec = json.loads((results_dir / RECORD).read_text())
-        env, tests = rec.get("env", {}), rec.get("tests")
-        gpu = env.get("gpu") or {}
-        lines += [f"**Last collected run** ({'dry run, ' if env.get('dry_run') else ''}{gpu.get('name', 'no GPU')}, "
-                  f"torch {env.get('torch')}, Triton {env.get('triton')}, liger-kernel {env.get('liger-kernel')}, "
-                  f"cut-cross-entropy {env.get('cut-cross-entropy')}, commit {env.get('commit') or 'unknown'}): "
-                  + ("CUDA tests not run" if not tests else
-                     f"CUDA tests {tests['verdict']} ({tests.get('tests', '?')} collected, {tests.get('failures', '?')} "
-                     f"failed, {tests.get('errors', '?')} errors, {tests.get('skipped', '?')} skipped, "
-                     f"{tests['seconds']:.0f} s)") + ".", ""]
-        for c in (rec.get("targets") or {}).get("checks", []):
-            verdict = {True: "met", False: "NOT met", None: "not measured"}[c["met"]]
-            lines.append(f"- {c['target']}: {c['value']}: **{verdict}**")
-        lines.append("")
-    return lines
 
 
 # ---------------------------------------------------------------- output
@@ -349,7 +283,7 @@ def versions(site: Path | None) -> dict:
     """GPU, driver and library versions (what the report needs to say what was measured)."""
     import torch
 
-    import harness
+    from benchmarks import harness
 
     info = {"python": platform.python_version(), "executable": sys.executable, "torch": torch.__version__,
             "torch_cuda": torch.version.cuda, "triton": harness.triton_version(), "commit": harness.git_commit(),
@@ -381,7 +315,7 @@ def versions(site: Path | None) -> dict:
 def record_skipped(run: Run, stage: str, stem: str, skipped: list[tuple[str, str]]) -> None:
     """Adds ``skipped`` notes, ``(label, reason)`` each, beside the stage's CSV (which then
     exists, with the house columns, even when nothing ran)."""
-    import harness
+    from benchmarks import harness
 
     entries = [{"label": label, "status": "skipped", "reason": reason} for label, reason in skipped]
     harness.write_results(stem, run.kind(), [], {"skipped": entries}, run.work / stage, append=True)
@@ -407,19 +341,21 @@ def linear_chunks(profile: Profile, stage: str, only=None) -> list[tuple[list, t
 
 
 def _rows(csv_path: Path) -> list[dict]:
-    import report
+    from benchmarks import report
 
     return report.load(csv_path)[0] if csv_path.exists() else []
 
 
 def _cases(shapes, ops, passes, impls, dtype):
-    from harness import Case
+    from benchmarks.bench_linear_logprobs import runs_pass
+    from benchmarks.harness import Case
 
-    return [Case(op, impl, p, n, d, v, dtype) for (n, d, v) in shapes for op in ops for p in passes for impl in impls]
+    return [Case(op, impl, p, n, d, v, dtype) for (n, d, v) in shapes for op in ops for p in passes for impl in impls
+            if runs_pass(impl, p)]
 
 
 def stage_linear(run: Run, stage: str, budget: float) -> None:
-    import harness
+    from benchmarks import harness
 
     profile, start = run.profile, time.monotonic()
     impls = tuple(i for i in profile.impls if i not in run.peers_skipped)
@@ -439,7 +375,7 @@ def stage_linear(run: Run, stage: str, budget: float) -> None:
             skip(impls, lambda c: reason)
             continue
         run.log(f"[{stage}] {label}: estimated {est:.0f} s, {left:.0f} s left")
-        cmd = [sys.executable, str(BENCH_DIR / "bench_linear_logprobs.py"), "--shapes",
+        cmd = [sys.executable, "-m", "benchmarks.bench_linear_logprobs", "--shapes",
                ",".join("x".join(map(str, s)) for s in shapes), "--ops", ",".join(ops), "--passes", ",".join(passes),
                "--impls", ",".join(impls), "--dtype", profile.dtype, "--out", str(run.work / stage), "--append"]
         if run.args.dry_run:
@@ -462,7 +398,7 @@ def stage_linear(run: Run, stage: str, budget: float) -> None:
 
 
 def write_targets(run: Run, stage: str) -> None:
-    import report
+    from benchmarks import report
 
     rows = _rows(run.work / stage / f"linear_logprobs_{run.kind()}.csv")
     n, d, v = run.profile.target
@@ -494,7 +430,7 @@ def stage_tests(run: Run, stage: str, budget: float) -> None:
 
 
 def stage_consistency(run: Run, stage: str, budget: float) -> None:
-    cmd = [sys.executable, str(BENCH_DIR / "bench_consistency.py"), *run.profile.bench_flags,
+    cmd = [sys.executable, "-m", "benchmarks.bench_consistency", *run.profile.bench_flags,
            "--impls", ",".join(run.profile.consistency_impls), "--out", str(run.work / stage)]
     _one_bench(run, stage, budget, cmd, "consistency")
 
@@ -502,7 +438,7 @@ def stage_consistency(run: Run, stage: str, budget: float) -> None:
 def stage_train_step(run: Run, stage: str, budget: float) -> None:
     left = min(budget, run.deadline - time.monotonic())
     search = max(left - run.profile.search_reserve_s, 0.0)
-    cmd = [sys.executable, str(BENCH_DIR / "bench_train_step.py"), *run.profile.bench_flags,
+    cmd = [sys.executable, "-m", "benchmarks.bench_train_step", *run.profile.bench_flags,
            "--search-budget-s", f"{search:.0f}", "--out", str(run.work / stage)]
     _one_bench(run, stage, budget, cmd, "train_step")
 
@@ -522,8 +458,8 @@ STAGE_FUNCS = {"tests": stage_tests, "target": stage_linear, "linear_bwd": stage
 
 def finish_stage(run: Run, stage: str) -> str:
     """Plots and the stage's README from its CSVs; returns what the stage left, in words."""
-    import plot
-    import report
+    from benchmarks import plot
+    from benchmarks import report
 
     folder = run.work / stage
     rows = skipped = 0
@@ -548,9 +484,9 @@ def finish_stage(run: Run, stage: str) -> str:
 def collect(src: Path, into: Path) -> list[Path]:
     """Merges the CSVs of every ``<stage>.tar.gz`` in ``src`` into ``into`` (rows of the same
     case replaced), then regenerates the plots and the READMEs there."""
-    import harness
-    import plot
-    import report
+    from benchmarks import harness
+    from benchmarks import plot
+    from benchmarks import report
 
     bundles = sorted(src.glob("*.tar.gz"), key=lambda p: STAGES.index(p.name[:-7]) if p.name[:-7] in STAGES else len(STAGES))
     if not bundles:
@@ -561,7 +497,7 @@ def collect(src: Path, into: Path) -> list[Path]:
             with tarfile.open(path) as tar:
                 tar.extractall(tmp, filter="data")
         rehearsal = [p.parent.name for p in Path(tmp).glob("*/env.json") if json.loads(p.read_text()).get("dry_run")]
-        if rehearsal and into.resolve() == (BENCH_DIR / "results").resolve():
+        if rehearsal and into.resolve() == RESULTS_DIR.resolve():
             raise SystemExit(f"--collect: the bundles of {', '.join(sorted(rehearsal))} come from a --dry-run; they are "
                              f"not merged into {into} (name another folder with --into)")
         for stage in STAGES:
@@ -579,7 +515,8 @@ def collect(src: Path, into: Path) -> list[Path]:
         print(json.dumps(record, indent=1))
     for path in sorted(merged):
         plot.plot_csv(path)
-    report.main([str(into)])
+    # the shipped results (--update-results) also refresh the README's Performance section
+    report.main(["--update-results"] if into.resolve() == RESULTS_DIR.resolve() else [str(into)])
     return sorted(merged)
 
 
@@ -601,8 +538,11 @@ def parse_args(argv):
     parser.add_argument("--shapes", default=None, metavar="NxDxV,...",
                         help="run only these shapes in the linear stages (e.g. to finish a sweep a budget cut short)")
     parser.add_argument("--collect", default=None, metavar="DIR",
-                        help="merge the bundles in DIR into benchmarks/results (or --into) and regenerate the reports")
-    parser.add_argument("--into", default=str(BENCH_DIR / "results"), help="results folder for --collect")
+                        help="merge the bundles in DIR into --into and regenerate the plots and reports there")
+    into = parser.add_mutually_exclusive_group()
+    into.add_argument("--into", default=str(RUNS_DIR), help="results folder for --collect (default: %(default)s)")
+    into.add_argument("--update-results", action="store_true",
+                      help="--collect into the shipped benchmarks/results and regenerate the README's Performance section")
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
     unknown = [s for s in stages if s not in STAGES]
@@ -622,7 +562,7 @@ def parse_args(argv):
     if args.shapes is None:
         args.shape_list = None
     else:
-        from bench_linear_logprobs import parse_shapes
+        from benchmarks.bench_linear_logprobs import parse_shapes
 
         args.shape_list = parse_shapes(args.shapes)
     return args
@@ -631,7 +571,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.collect:
-        collect(Path(args.collect), Path(args.into))
+        collect(Path(args.collect), RESULTS_DIR if args.update_results else Path(args.into))
         return 0
     start = time.monotonic()
     if args.dry_run:

@@ -21,9 +21,11 @@ how to build a callable for each; the harness does the rest:
   on ``[N, D] x [D, V]`` measured in the same run (bf16 on GPU as HOUSE_STYLE asks; on CPU
   in the case's dtype, because a CPU's bf16 GEMM is no peak to compare with).
 
-Results: long-format CSV with exactly :data:`COLUMNS` in ``benchmarks/results/<stem>_<kind>.csv``
+Results: long-format CSV with exactly :data:`COLUMNS` in ``<out>/<stem>_<kind>.csv``
 (``kind`` = ``cpu`` or ``cuda``) and a ``.notes.json`` beside it (skipped implementations with
-their reasons, absolute memory, repetitions, machine).
+their reasons, absolute memory, repetitions, machine). ``<out>`` is ``runs/benchmarks/``
+(git-ignored) unless ``--out`` names another folder; only ``--update-results`` writes the
+shipped ``benchmarks/results/`` (:func:`parse`).
 """
 
 from __future__ import annotations
@@ -47,12 +49,12 @@ from typing import Callable
 
 import torch
 
+from benchmarks.paths import REPO_ROOT, RESULTS_DIR, RUNS_DIR, add_output_args, output_dir  # noqa: F401
+
 COLUMNS = [
     "op", "impl", "pass", "N", "D", "V", "dtype", "ms", "ms_p20", "ms_p80",
     "peak_mb", "tflops", "gemm_frac", "device", "torch", "triton", "commit",
 ]
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 #: Correctness tolerance per dtype: ``max|got - want| <= atol + rtol * max|want|``.
 TOLERANCE = {"fp64": (1e-10, 1e-10), "fp32": (1e-4, 1e-4), "fp16": (1e-2, 1e-2), "bf16": (5e-2, 2e-2)}
@@ -343,7 +345,7 @@ class Benchmark:
     """
 
     stem: str
-    script: str
+    module: str                  # the script as a module (``benchmarks.bench_x``): workers run ``python -m`` it
     build: Callable[[Case, str], Callable[[], dict]]
     flops: Callable[[Case], float | None] = lambda case: None
     oracle: str = "reference"
@@ -351,6 +353,9 @@ class Benchmark:
     #: Implementations whose first call costs what later calls cost (no compilation, no
     #: lazily created state): on CPU, their checked first call may be the timed sample.
     first_call_is_steady: tuple = ()
+    #: Implementations that are timed but not checked (bounds such as the bare GEMMs: they
+    #: compute something else than the op).
+    unchecked_impls: tuple = ()
 
 
 # ---------------------------------------------------------------- worker (one implementation)
@@ -373,7 +378,7 @@ def _run_one(bench, case, expected_dir, kind, budget_s, max_reps):
     key_file = expected_dir / (hashlib.sha1(case.key().encode()).hexdigest()[:16] + ".pt")
     want = None
     # ``unchecked`` cases repeat a checked case's code at another size (e.g. a memory probe).
-    checked = not case.extra.get("unchecked", False)
+    checked = not case.extra.get("unchecked", False) and case.impl not in bench.unchecked_impls
     if checked and case.impl != bench.oracle:
         if not key_file.exists():
             return _emit(case, "skipped", reason=f"no {bench.oracle} output to check against (it failed or was not run)")
@@ -444,8 +449,8 @@ def _launch(bench: Benchmark, cases: list[Case], expected_dir: Path, kind: str, 
     # Return every allocation above 128 KiB to the OS on free, so RSS tracks live tensors.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.Popen([sys.executable, bench.script, "--worker", payload, *worker_args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", bench.module, "--worker", payload, *worker_args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
     results = []
     for line in proc.stdout:
         if line.startswith(ROW_TAG):
@@ -532,7 +537,7 @@ def row_key(row: dict) -> tuple:
     return tuple(str(row[k]) for k in ("op", "impl", "pass", "N", "D", "V", "dtype"))
 
 
-def write_results(stem: str, kind: str, rows: list[dict], notes: dict, out_dir: Path = RESULTS_DIR,
+def write_results(stem: str, kind: str, rows: list[dict], notes: dict, out_dir: Path = RUNS_DIR,
                   append: bool = False) -> Path:
     """Writes ``<stem>_<kind>.csv`` (exactly :data:`COLUMNS`) and its ``.notes.json``.
 
@@ -595,7 +600,15 @@ def common_args(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="the small CPU shape set (a few minutes on 2 cores)")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests)")
     parser.add_argument("--impls", default=None, help="comma-separated implementations to run (default: all)")
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
+    add_output_args(parser)
     parser.add_argument("--budget-s", type=float, default=None, help="CPU: seconds of timed calls per case")
     parser.add_argument("--append", action="store_true", help="merge into the existing CSV (a sweep split over runs)")
     return parser
+
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with ``args.out`` resolved by :func:`output_dir` (a str)."""
+    args = parser.parse_args(argv)
+    args.out = str(output_dir(args))
+    return args

@@ -1,21 +1,22 @@
 """Time and memory vs N (and vs V where the CSV sweeps it) per implementation, one PNG per op.
 
-Reads every measured ``benchmarks/results/*.csv`` (not the ``predicted_*.csv`` of ``predict.py``;
-or the files given) and writes, next to each,
+Reads every measured CSV of the results folder (``runs/benchmarks/`` unless ``--out`` names
+one; the shipped ``benchmarks/results/`` with ``--update-results``; not the ``predicted_*.csv``
+of ``predict.py``), or the CSV files given, and writes, next to each,
 ``<csv stem>__<op>__vsN.png`` and, when several vocabularies were measured at one N,
 ``<csv stem>__<op>__vsV.png``: one row of panels per pass, time (ms) on the left, peak
 memory (MB, as the CSV defines it) on the right, log-log axes. OOM rows are left out.
 
 Usage::
 
-    python benchmarks/plot.py [results/linear_logprobs_cpu.csv ...]
+    python -m benchmarks.plot [--out DIR | --update-results] [DIR/linear_logprobs_cpu.csv ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import statistics
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -23,9 +24,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from report import measured_csvs  # noqa: E402  (benchmarks/ is the script's directory)
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from benchmarks.paths import add_output_args, output_dir  # noqa: E402
+from benchmarks.report import measured_csvs  # noqa: E402
+
 IMPL_ORDER = ("triton", "reference", "ours", "eager", "compile", "torch_linear_ce", "liger", "cce")
 
 
@@ -108,8 +110,12 @@ def plot_csv(path: Path) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    paths = [Path(a) for a in argv] or measured_csvs(RESULTS_DIR)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("csvs", nargs="*", help="CSV files to plot (default: every measured CSV of the folder)")
+    add_output_args(parser, "folder whose CSVs are plotted")
+    args = parser.parse_args(argv)
+    paths = [Path(a) for a in args.csvs] or measured_csvs(output_dir(args))
     for path in paths:
         plot_csv(path)
     return 0

@@ -1,4 +1,6 @@
-"""Each benchmark script still runs (tiny shapes, seconds): CSV columns, rows, notes, plots, report.
+"""Each benchmark script still runs (tiny shapes, seconds): CSV columns, rows, notes, plots, report;
+every script answers ``--help``; a run without ``--update-results`` leaves the shipped results
+and the README byte for byte as they were.
 
 Benchmarks are not tests: nothing here looks at a timing. The ``torch.compile``-based
 implementations (``compile``, ``cce`` on CPU) are left out to keep this under a minute;
@@ -6,28 +8,45 @@ the benchmark runs themselves cover them.
 """
 
 import csv
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks import bench_train_step, report
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
+#: Every script of the package, run as ``python -m benchmarks.<name>``.
+SCRIPTS = ("bench_linear_logprobs", "bench_consistency", "bench_train_step", "bench_quality", "filter_accuracy",
+           "gpu_runbook", "plot", "predict", "report")
 COLUMNS = ["op", "impl", "pass", "N", "D", "V", "dtype", "ms", "ms_p20", "ms_p80", "peak_mb", "tflops",
            "gemm_frac", "device", "torch", "triton", "commit"]
 
 
-def run(script, *args, out):
+def run(script, *args, out=None, timeout=240):
+    """``python -m benchmarks.<script> *args [--out out]`` from the repository root; its stdout."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     # The workers pick their backend themselves; the interpreter is for kernel tests only.
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", *args,
+                           *(["--out", str(out)] if out is not None else [])],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
+
+
+def shipped_bytes() -> dict:
+    """``{path: sha256}`` of every tracked file a benchmark, plot or report could write."""
+    listed = subprocess.run(["git", "ls-files", "benchmarks/results", "README.md"], cwd=REPO, capture_output=True,
+                            text=True).stdout.split()
+    paths = listed or [str(p.relative_to(REPO)) for p in (BENCH / "results").iterdir()] + ["README.md"]
+    return {p: hashlib.sha256((REPO / p).read_bytes()).hexdigest() for p in paths if (REPO / p).is_file()}
 
 
 def read(path):
@@ -42,10 +61,10 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     kind = "cuda" if _has_cuda() else "cpu"
     logs = {
-        "linear_logprobs": run("bench_linear_logprobs.py", "--tiny", "--impls",
+        "linear_logprobs": run("bench_linear_logprobs", "--tiny", "--impls",
                                "reference,eager,torch_linear_ce,triton", out=out),
-        "consistency": run("bench_consistency.py", "--tiny", "--impls", "reference,triton", out=out),
-        "train_step": run("bench_train_step.py", "--tiny", "--no-max-t", out=out),
+        "consistency": run("bench_consistency", "--tiny", "--impls", "reference,triton", out=out),
+        "train_step": run("bench_train_step", "--tiny", "--no-max-t", out=out),
     }
     return out, kind, logs
 
@@ -92,23 +111,17 @@ def test_train_step_rows(results):
     (1024, 16384, (1024, False)),
 ])
 def test_longest_fitting_search(threshold, t_max, expected):
-    sys.path.insert(0, str(BENCH))
-    from bench_train_step import longest
-
     probes = []
 
     def fits_at(length):
         probes.append(length)
         return length <= threshold
 
-    assert longest(fits_at, t_max) == expected
+    assert bench_train_step.longest(fits_at, t_max) == expected
     assert all(p % 256 == 0 and p <= t_max for p in probes)
 
 
 def test_longest_fitting_stops_at_its_deadline_without_probing(monkeypatch):
-    sys.path.insert(0, str(BENCH))
-    import bench_train_step
-
     ran = []
     monkeypatch.setattr(bench_train_step.harness, "run_cases", lambda *a, **k: ran.append(a) or ([], {}))
     notes = {"skipped": [], "cases": []}
@@ -120,22 +133,47 @@ def test_longest_fitting_stops_at_its_deadline_without_probing(monkeypatch):
 
 def test_plot_and_report(results):
     out, _, _ = results
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    csvs = [str(p) for p in sorted(out.glob("*.csv"))]
-    subprocess.run([sys.executable, str(BENCH / "plot.py"), *csvs], check=True, env=env, capture_output=True)
+    before = shipped_bytes()
+    run("plot", *[str(p) for p in sorted(out.glob("*.csv"))])
     assert list(out.glob("*.png"))
-    subprocess.run([sys.executable, str(BENCH / "report.py"), str(out)], check=True, env=env, capture_output=True)
+    run("report", str(out))
     text = (out / "README.md").read_text()
     assert "linear_logprobs" in text and "train_step" in text and "consistency_loss_packed" in text
+    assert "## Performance" in (out / "performance_section.md").read_text()
+    assert shipped_bytes() == before  # a report of another folder never touches the README
+
+
+def test_benchmarks_is_a_package_without_path_hacks_or_import_cycles():
+    for path in BENCH.rglob("*.py"):  # (the runbook adds the peers' scratch site at run time: allowed)
+        assert not re.search(r"sys\.path\.insert\(.*(__file__|BENCH|REPO)", path.read_text()), path.name
+    # report renders the runbook's section from runbook_spec; it does not import the runbook
+    probe = ("import sys, benchmarks.report, benchmarks.plot; "
+             "assert 'benchmarks.gpu_runbook' not in sys.modules, sorted(m for m in sys.modules if 'bench' in m)")
+    subprocess.run([sys.executable, "-c", probe], cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_answers_help(script):
+    assert "usage:" in run(script, "--help", timeout=120)
+
+
+def test_default_runs_leave_the_shipped_results_alone():
+    """Without ``--out`` the scripts write ``runs/benchmarks/`` (git-ignored), never the tracked
+    results or README: a tiny bench, the plots, the report and the model, byte for byte."""
+    before = shipped_bytes()
+    assert before
+    run("bench_linear_logprobs", "--tiny", "--impls", "reference,eager", "--ops", "linear_logprobs")
+    run("plot")
+    run("report")
+    run("predict", "--shape", "256,128,1024", "--impls", "triton,cublas_3gemm")
+    assert shipped_bytes() == before
+    runs = REPO / "runs" / "benchmarks"
+    assert (runs / "linear_logprobs_cpu.csv").exists() and (runs / "README.md").exists()
+    assert (runs / "predicted_sm_90.csv").exists()
 
 
 def test_readme_performance_section(results, tmp_path):
     """The top README's Performance section is rendered from the CSVs between its markers."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import report
-    finally:
-        sys.path.remove(str(BENCH))
     out, _, _ = results
     section = report.summary(out)
     assert "## Performance" in section and "`linear_logprobs`" in section and "longest T that fits" in section
@@ -152,7 +190,7 @@ def test_bench_quality_runs_resumes_and_reports(tmp_path):
     out, readme = tmp_path / "quality.csv", tmp_path / "README.md"
     readme.write_text("# Results\n")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    args = [sys.executable, str(BENCH / "bench_quality.py"), "--seeds", "2", "--sizes", "16", "--arms", "bt,icrm_uniform",
+    args = [sys.executable, "-m", "benchmarks.bench_quality", "--seeds", "2", "--sizes", "16", "--arms", "bt,icrm_uniform",
             "--rm-steps", "1", "--sft-steps", "1", "--workers", "1", "--out", str(out), "--readme", str(readme)]
     for expected in ("2 (seed, size) groups to run", "0 (seed, size) groups to run, 4 cells already done"):
         proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

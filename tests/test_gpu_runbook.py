@@ -21,11 +21,10 @@ import pytest
 
 from test_benchmarks import COLUMNS
 
+from benchmarks import gpu_runbook, harness
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import gpu_runbook  # noqa: E402
 
 STAGES = gpu_runbook.STAGES
 
@@ -36,7 +35,7 @@ def dry_run(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("TRITON_INTERPRET", None)  # set by conftest for the kernel tests; the benchmarks choose themselves
     env.pop("OUT", None)
-    cmd = [sys.executable, str(BENCH / "gpu_runbook.py"), "--dry-run", "--out", str(out), "--work", str(work),
+    cmd = [sys.executable, "-m", "benchmarks.gpu_runbook", "--dry-run", "--out", str(out), "--work", str(work),
            "--wheels", str(work / "no_wheels_here"), "--budget", "linear_fwd=0", "--budget", "consistency=2"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -82,13 +81,16 @@ def test_every_stage_wrote_its_results(dry_run):
             csv_rows(files[f"{stem}_cpu.csv"])  # present, with the house columns, even where nothing ran
             assert f"{stem}_cpu.notes.json" in files
     target = csv_rows(members(out, "target")["linear_logprobs_cpu.csv"])
-    assert timed(target) == {("linear_logprobs_and_rewards", impl, p, "64") for impl in ("reference", "eager")
-                             for p in ("fwd", "fwd+bwd")}
+    bounds = {("cublas_1gemm", "fwd"), ("cublas_3gemm", "fwd+bwd")}  # the bare GEMMs, one pass each
+    assert timed(target) == {("linear_logprobs_and_rewards", impl, p, "64") for impl, p in
+                             {(i, p) for i in ("reference", "eager") for p in ("fwd", "fwd+bwd")} | bounds}
     checks = json.loads(members(out, "target")["targets.json"])["checks"]
-    assert len(checks) == 4 and all(c["met"] is None for c in checks[:2])  # no peers in the dry run
+    assert len(checks) == 6 and all(c["met"] is None for c in checks[:2])  # no peers in the dry run
+    against_bounds = [c for c in checks if "bare 3-GEMM" in c["target"] or "one cuBLAS GEMM" in c["target"]]
+    assert len(against_bounds) == 2 and all(c["met"] is not None for c in against_bounds)
     bwd = csv_rows(members(out, "linear_bwd")["linear_logprobs_cpu.csv"])
     # The grid at fwd+bwd, except the target op at the target shape (the target stage's).
-    assert timed(bwd) == {(op, impl, "fwd+bwd", n) for impl in ("reference", "eager")
+    assert timed(bwd) == {(op, impl, "fwd+bwd", n) for impl in ("reference", "eager", "cublas_3gemm")
                           for op, n in [("linear_logprobs", "32"), ("linear_logprobs_and_rewards", "32"), ("linear_logprobs", "64")]}
     train = csv_rows(members(out, "train_step")["train_step_cpu.csv"])
     assert {r["impl"] for r in train if r["ms"]} == {"ours", "eager"}
@@ -169,7 +171,8 @@ def test_budget_logic():
 
 def test_linear_chunks_cover_the_grid_smallest_first():
     profile = gpu_runbook._gpu_profile()
-    assert profile.impls[:2] == ("reference", "triton")  # the oracle, then ours: a cut-off call keeps them
+    # the oracle, ours, then the bare GEMMs of the goals: a cut-off call keeps them
+    assert profile.impls[:4] == ("reference", "triton", "cublas_3gemm", "cublas_1gemm")
     for stage, passes in (("linear_bwd", ("fwd+bwd",)), ("linear_fwd", ("fwd",))):
         chunks = gpu_runbook.linear_chunks(profile, stage)
         covered = [(s, op) for shapes, ops, p in chunks for s in shapes for op in ops]
@@ -195,8 +198,6 @@ def test_bad_arguments_get_a_clear_error(capsys):
 
 def test_saver_keeps_what_a_cut_off_bench_finished(tmp_path):
     """The benches save after each implementation; the first save replaces an older file."""
-    import harness
-
     env = {"device": "d", "torch": "t", "triton": "", "commit": ""}
 
     def row(impl):
