@@ -909,20 +909,26 @@ def train_arms(cfg: RewardConfig, arms: list[str], *, train_dataset=None, echo=p
     :func:`icrm.metrics.evaluate_suite` on ``cfg``'s eval files. Returns ``{"sft": ..., arm: metrics}``;
     ``on_arm(arm, metrics)`` is called as each arm finishes (the study writes its rows there).
 
-    Reward-model start (``reward_model_init``): ``generator`` = the SFT-ed model, ``base`` =
-    ``model_name_or_path`` (the authors' recipe); the frozen generator is the SFT-ed model either way.
+    The base is ``model_name_or_path``, for the built-in model its pretrained base
+    (:func:`icrm.pretrain.base_model_path`); the generator SFT starts there. Reward-model start
+    (``reward_model_init``): ``base`` (the authors' recipe), ``generator`` = the SFT-ed model, or
+    ``random`` = the base's architecture with random weights; the frozen generator is the SFT-ed
+    model in every case.
     """
     from .metrics import evaluate_suite
+    from .pretrain import base_model_path, random_model_path
 
-    base = cfg.model_name_or_path
+    base = base_model_path(cfg.model_name_or_path)
     summary: dict = {}
     generator = cfg.generator_name_or_path
     if cfg.run_sft and cfg.sft_max_steps > 0:
-        sft = SFTTrainer(args=sft_args(cfg, os.path.join(cfg.output_dir, "sft")), train_dataset=train_dataset)
+        sft = SFTTrainer(args=sft_args(cfg, os.path.join(cfg.output_dir, "sft")).replace(model_name_or_path=base),
+                         train_dataset=train_dataset)
         summary["sft"] = sft.train()
         generator = sft.save_model()
         echo(f"[sft] generator saved to {generator} (eval token NLL {summary['sft'].get('eval_loss', float('nan')):.3f})")
-    init = generator if (cfg.reward_model_init == "generator" and generator) else base
+    init = {"base": base, "generator": generator or base,
+            "random": random_model_path(cfg.model_name_or_path)}[cfg.reward_model_init]
     for i, arm in enumerate(arms):
         # A checkpoint path given for the run belongs to the first arm; the others resume their own, and
         # an arm the previous attempt never reached starts fresh ('auto' rather than 'latest').
@@ -958,7 +964,7 @@ def train_arms(cfg: RewardConfig, arms: list[str], *, train_dataset=None, echo=p
 TABLE_ROWS = (
     ("pair_accuracy", "pairwise accuracy"), ("value_spearman", "Spearman(token reward, V)"),
     ("value_auroc", "AUROC reachable (V > 0)"), ("first_error_acc", "first-error localisation"),
-    ("bon_accuracy", "best-of-16 correct"),
+    ("bon_accuracy", "best-of-16 correct (distinct)"),
 )
 
 
@@ -976,9 +982,12 @@ def metric_table(summary: dict, arms: list[str], names: list[str] | None = None)
         for key, label in keys:
             cells = "".join(f"{summary[a].get(key, float('nan')):>{width}.4f}" for a in arms)
             lines.append(f"  {label:<32s}{cells}")
+        ref = next((summary[a] for a in arms if "first_error_chance" + suffix in summary[a]), None)
+        if ref:
+            lines.append(f"  {'(first error: chance)':<32s}{ref['first_error_chance' + suffix]:>{width}.4f}")
         ref = next((summary[a] for a in arms if "bon_random" + suffix in summary[a]), None)
         if ref:
-            lines.append(f"  {'(best-of-16: random pick / oracle)':<32s}{ref['bon_random' + suffix]:>{width}.4f}"
+            lines.append(f"  {'(best-of-N distinct: random / oracle)':<32s}{ref['bon_random' + suffix]:>{width}.4f}"
                          f"{ref['bon_oracle' + suffix]:>{width}.4f}")
     return "\n".join(lines)
 
