@@ -384,6 +384,30 @@ def render_section(rows: list[dict], tests: list[dict], summary: list[dict], not
     return "\n".join(lines)
 
 
+#: The top-level README's generated summary of the study (the prose around it is written by hand).
+SUMMARY_BEGIN, SUMMARY_END = "<!-- quality-summary:begin -->", "<!-- quality-summary:end -->"
+
+
+def render_summary(tests: list[dict]) -> str:
+    """The primary family and the count of exploratory contrasts that survive Holm, for the README."""
+    lines = [SUMMARY_BEGIN, "| primary endpoint (start `base`, ICRM - GRM) | pairs | seeds | difference [95% CI] | p (Holm) |",
+             "|---|---|---|---|---|"]
+    for t in (t for t in tests if t["family"] == "primary"):
+        lines.append(f"| {LABELS[t['metric']]} | {t['train_pairs']} | {t['n']} | {t['diff']:+.3f} "
+                     f"[{t['diff'] - t['ci95']:+.3f}, {t['diff'] + t['ci95']:+.3f}] | {_p(t['p_holm'])} |")
+    explor = [t for t in tests if t["family"] == "exploratory"]
+    lines += ["", f"Exploratory: {sum(t['p_holm'] < 0.05 for t in explor)} of {len(explor)} contrasts have a "
+              "Holm-adjusted p below 0.05 (listed in the results README).", SUMMARY_END]
+    return "\n".join(lines)
+
+
+def splice(path: Path, begin: str, end: str, section: str) -> None:
+    """Replace ``begin ... end`` in ``path`` with ``section`` (appended when the markers are missing)."""
+    text = path.read_text() if path.exists() else ""
+    parts = split_section(text, begin, end)
+    path.write_text(parts[0] + section + parts[2] if parts else text.rstrip("\n") + "\n\n" + section + "\n")
+
+
 def plot(summary: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -420,7 +444,7 @@ def write_csv(path: Path, records: list[dict]) -> None:
             writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()})
 
 
-def report(out: Path, readme: Path | None) -> str:
+def report(out: Path, readme: Path | None, summary_readme: Path | None = None) -> str:
     rows = read_rows(out)
     if not any(r["metric"] == DONE_METRIC and r["eval_split"] == "eval" for r in rows):
         raise SystemExit(f"{out}: no finished cells on the evaluation split yet")
@@ -435,10 +459,11 @@ def report(out: Path, readme: Path | None) -> str:
     plot(summary, plot_path)
     section = render_section(rows, tests, summary, notes, out.name, plot_path.name, tests_path.name)
     if readme is not None:
-        text = readme.read_text() if readme.exists() else ""
-        parts = split_section(text, README_BEGIN, README_END)
-        readme.write_text(parts[0] + section + parts[2] if parts else text.rstrip("\n") + "\n\n" + section + "\n")
-    print(f"wrote {summary_path}, {tests_path}, {plot_path}" + (f", section in {readme}" if readme else ""))
+        splice(readme, README_BEGIN, README_END, section)
+    if summary_readme is not None and tests:
+        splice(summary_readme, SUMMARY_BEGIN, SUMMARY_END, render_summary(tests))
+    print(f"wrote {summary_path}, {tests_path}, {plot_path}" + (f", section in {readme}" if readme else "")
+          + (f", summary in {summary_readme}" if summary_readme and tests else ""))
     return section
 
 
@@ -467,6 +492,8 @@ def main(argv=None) -> int:
                         "benchmarks/results/quality.csv, with --quick runs/quality_quick/quality.csv")
     parser.add_argument("--readme", default=None, help="README whose quality section is rewritten "
                         "(default benchmarks/results/README.md; with --quick or --validation none)")
+    parser.add_argument("--summary-readme", default=None, help="README whose quality-summary markers get the primary "
+                        "table (default the top-level README.md with the default --readme; otherwise none)")
     parser.add_argument("--seeds", type=int, default=30)
     parser.add_argument("--seed-offset", type=int, default=0, help="first seed (validation runs use seeds apart)")
     parser.add_argument("--seeds-random", type=int, default=None, help="seeds of the random start (default --seeds)")
@@ -496,10 +523,12 @@ def main(argv=None) -> int:
     readme = Path(args.readme) if args.readme else (None if args.quick or args.validation else RESULTS / "README.md")
     if not args.report_only:
         run_study(args)
+    summary_readme = Path(args.summary_readme) if args.summary_readme else (
+        REPO / "README.md" if readme == RESULTS / "README.md" else None)
     if args.validation:
         print(validation_table(args.out))
     else:
-        report(args.out, readme)
+        report(args.out, readme, summary_readme)
     return 0
 
 

@@ -987,7 +987,7 @@ def metric_table(summary: dict, arms: list[str], names: list[str] | None = None)
             lines.append(f"  {'(first error: chance)':<32s}{ref['first_error_chance' + suffix]:>{width}.4f}")
         ref = next((summary[a] for a in arms if "bon_random" + suffix in summary[a]), None)
         if ref:
-            lines.append(f"  {'(best-of-N distinct: random / oracle)':<32s}{ref['bon_random' + suffix]:>{width}.4f}"
+            lines.append(f"  {'(best-of-N: random / oracle)':<32s}{ref['bon_random' + suffix]:>{width}.4f}"
                          f"{ref['bon_oracle' + suffix]:>{width}.4f}")
     return "\n".join(lines)
 

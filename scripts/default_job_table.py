@@ -51,7 +51,7 @@ def render(table: str, where: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from-output", help="a saved stdout of `icrm train` (default: run it now)")
-    parser.add_argument("--output-dir", default=str(REPO / "runs" / "default_job"))
+    parser.add_argument("--output-dir", default="runs/default_job", help="relative to the repository root")
     parser.add_argument("--doc", default=str(DOC))
     args = parser.parse_args(argv)
     if args.from_output:
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         if proc.returncode != 0:
             raise SystemExit(f"icrm train failed ({proc.returncode}): {proc.stderr[-2000:]}")
         output = proc.stdout
-        Path(args.output_dir, "stdout.txt").write_text(output)
+        (REPO / args.output_dir / "stdout.txt").write_text(output)
         print(f"icrm train: {time.perf_counter() - start:.0f} s")
     doc = Path(args.doc)
     text = doc.read_text()

@@ -197,3 +197,25 @@ def test_quality_statistics_by_hand():
     assert bq.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # 2 x 0.5 capped at 1, then monotone
     mean, half = bq.t_interval(np.array([1.0, 2.0, 3.0]))
     assert (mean, half) == pytest.approx((2.0, 4.303 * 1.0 / np.sqrt(3)))
+
+
+def test_default_job_table_splices_the_printed_table(tmp_path):
+    """scripts/default_job_table.py takes the table exactly as `icrm train` printed it, between the markers."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import default_job_table as djt
+
+    printed = ("[sft] generator saved\n\n" + " " * 44 + "BT         GRM        ICRM\nheld-out (eval_file, bon_file)\n"
+               "  pairwise accuracy                     0.9000      0.9120      0.9180\n"
+               "  reward models start from the base; wall time 195 s; outputs in runs/default_job\n")
+    output, doc = tmp_path / "out.txt", tmp_path / "doc.md"
+    output.write_text(printed)
+    doc.write_text(f"intro\n{djt.BEGIN}\nold table\n{djt.END}\noutro\n")
+    assert djt.main(["--from-output", str(output), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert "0.9000      0.9120      0.9180" in text and "[sft]" not in text and "ATen" in text
+    with pytest.raises(ValueError, match="no 'BT GRM ICRM' table"):
+        djt.table_of("no table here")
+    doc.write_text("no markers")
+    with pytest.raises(SystemExit, match="no <!-- default-job:begin -->"):
+        djt.main(["--from-output", str(output), "--doc", str(doc)])
