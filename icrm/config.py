@@ -69,7 +69,8 @@ class RewardConfig:
     # --- model and data (TRL names) -----------------------------------------------------
     model_name_or_path: str = _help(
         f"Starting causal LM: a Hugging Face folder, a config.json (random init), or '{BUILTIN_MODEL}' "
-        "(built-in 2-layer Llama with the built-in word-level tokenizer).",
+        "(built-in 2-layer Llama with the built-in word-level tokenizer; `icrm train` starts from its pretrained base "
+        "icrm/data/tiny_base).",
         default=BUILTIN_MODEL,
     )
     tokenizer_name_or_path: str | None = _help(
