@@ -320,8 +320,24 @@ def _contrast(t: dict) -> str:
     return f"{t['a']} - {t['b']}" if t["a"] != t["b"] else f"{t['a']}: start {t['start']}"
 
 
+def kernel_path_check(rows: list[dict], checks: list[Path]) -> list[str]:
+    """One line per rerun of some cells under another ATen CPU capability (``ATEN_CPU_CAPABILITY``):
+    the largest difference from the same cells' rows."""
+    main = {(cell_key(r), r["metric"]): float(r["value"]) for r in rows if r["metric"] != DONE_METRIC}
+    lines = []
+    for path in checks:
+        other = [r for r in read_rows(path) if r["metric"] != DONE_METRIC]
+        diffs = [abs(float(r["value"]) - main[(cell_key(r), r["metric"])]) for r in other
+                 if (cell_key(r), r["metric"]) in main]
+        if diffs:
+            cells = len({cell_key(r) for r in other})
+            lines.append(f"ATen `{other[0]['aten']}` rerun of {cells} cells ([`{path.name}`]({path.name})): largest "
+                         f"difference {max(diffs):.2g} over {len(diffs)} metric rows")
+    return lines
+
+
 def render_section(rows: list[dict], tests: list[dict], summary: list[dict], notes: dict, csv_name: str,
-                   plot_name: str, tests_name: str) -> str:
+                   plot_name: str, tests_name: str, checks: list[Path] = ()) -> str:
     done = {cell_key(r) for r in rows if r["metric"] == DONE_METRIC and r["eval_split"] == "eval"}
     run = (notes.get("runs") or [{}])[-1]
     expected = len(run.get("arms", [])) * len(run.get("sizes", [])) * (
@@ -345,9 +361,12 @@ def render_section(rows: list[dict], tests: list[dict], summary: list[dict], not
              "`process_eval.jsonl` (500 pairs) and `process_bon.jsonl` (200 prompts, best-of-N over the distinct "
              "responses of 16 samples). Hyperparameters: see the pre-registration (authors' values where they exist, "
              "the rest chosen on the validation split). Mean ± half-width of the 95% t interval over seeds. "
-             f"Training time per cell (train + final eval, one thread): median {np.median(train_s) if train_s else float('nan'):.1f} s.", "",
+             f"Training time per cell (the reward model's steps only, one thread on a shared core): median "
+             f"{np.median(train_s) if train_s else float('nan'):.1f} s.", "",
              "Machine(s) of the rows: " + "; ".join(f"{c} (ATen `{a}`, torch {t}, transformers {tf})"
-                                                   for c, a, t, tf in machines) + ".", "",
+                                                   for c, a, t, tf in machines) + ". The rows are the same on every "
+             "run on one machine with the same CPU capability and library versions. Kernel-path check on the same "
+             "machine: " + ("; ".join(kernel_path_check(rows, list(checks))) or "none run") + ".", "",
              "### Primary endpoints (pre-registered: ICRM - GRM from the pretrained base, Holm over these four)", "",
              "| endpoint | pairs | seeds | ICRM - GRM | 95% CI | p (sign-flip) | p (Holm) |", "|---|---|---|---|---|---|---|"]
     for t in (t for t in tests if t["family"] == "primary"):
@@ -427,6 +446,10 @@ def plot(summary: list[dict], path: Path) -> None:
                     xs = np.array([r["train_pairs"] for r in recs]) * (1 + 0.04 * (i - 2))  # dodge the error bars
                     ax.errorbar(xs, [r["mean"] for r in recs], yerr=[r["ci95"] if math.isfinite(r["ci95"]) else 0
                                                                       for r in recs], marker="o", capsize=3, label=arm)
+            chance = {"bon_accuracy": "bon_random", "first_error_acc": "first_error_chance"}.get(metric)
+            level = [r["mean"] for r in summary if r["metric"] == chance]
+            if level:
+                ax.axhline(float(np.mean(level)), color="grey", linestyle="--", linewidth=1, label="chance")
             sizes = sorted({r["train_pairs"] for r in summary})
             ax.set_xscale("log"), ax.set_xticks(sizes, [str(n) for n in sizes]), ax.minorticks_off()
             ax.set_title(f"{LABELS[metric]}\nstart: {rm_start}", fontsize=9)
@@ -457,7 +480,8 @@ def report(out: Path, readme: Path | None, summary_readme: Path | None = None) -
     if tests:
         write_csv(tests_path, tests)
     plot(summary, plot_path)
-    section = render_section(rows, tests, summary, notes, out.name, plot_path.name, tests_path.name)
+    checks = sorted(out.parent.glob(out.stem + "_cpu_check_*.csv"))
+    section = render_section(rows, tests, summary, notes, out.name, plot_path.name, tests_path.name, checks)
     if readme is not None:
         splice(readme, README_BEGIN, README_END, section)
     if summary_readme is not None and tests:
