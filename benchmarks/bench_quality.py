@@ -337,7 +337,7 @@ def kernel_path_check(rows: list[dict], checks: list[Path]) -> list[str]:
 
 
 def render_section(rows: list[dict], tests: list[dict], summary: list[dict], notes: dict, csv_name: str,
-                   plot_name: str, tests_name: str, checks: list[Path] = ()) -> str:
+                   plot_name: str, tests_name: str, checks: list[Path] = (), position: dict | None = None) -> str:
     done = {cell_key(r) for r in rows if r["metric"] == DONE_METRIC and r["eval_split"] == "eval"}
     run = (notes.get("runs") or [{}])[-1]
     expected = len(run.get("arms", [])) * len(run.get("sizes", [])) * (
@@ -399,7 +399,14 @@ def render_section(rows: list[dict], tests: list[dict], summary: list[dict], not
     lines += [f"Chance and references (the same for every cell): first-error localisation by a uniform pick over "
               f"the candidate positions {ref['first_error_chance']:.3f}; best-of-N over distinct candidates: "
               f"{ref['bon_candidates']:.2f} distinct responses per prompt on average, uniform pick "
-              f"{ref['bon_random']:.3f}, oracle {ref['bon_oracle']:.3f}.", "", README_END]
+              f"{ref['bon_random']:.3f}, oracle {ref['bon_oracle']:.3f}."]
+    if position:
+        lines[-1] += (" A reward that only falls with position (word i scores -i, no token read; "
+                      "`icrm.metrics.position_baseline` on `process_eval.jsonl`) scores Spearman "
+                      f"{position['value_spearman']:+.3f} pooled / {position['value_spearman_within']:+.3f} within response "
+                      f"and AUROC {position['value_auroc']:.3f} pooled / {position['value_auroc_within']:.3f} within response: "
+                      "the within-response AUROC is only informative against that.")
+    lines += ["", README_END]
     return "\n".join(lines)
 
 
@@ -427,7 +434,7 @@ def splice(path: Path, begin: str, end: str, section: str) -> None:
     path.write_text(parts[0] + section + parts[2] if parts else text.rstrip("\n") + "\n\n" + section + "\n")
 
 
-def plot(summary: list[dict], path: Path) -> None:
+def plot(summary: list[dict], path: Path, position: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -450,6 +457,8 @@ def plot(summary: list[dict], path: Path) -> None:
             level = [r["mean"] for r in summary if r["metric"] == chance]
             if level:
                 ax.axhline(float(np.mean(level)), color="grey", linestyle="--", linewidth=1, label="chance")
+            if position and metric in position:
+                ax.axhline(position[metric], color="black", linestyle=":", linewidth=1, label="falls with position")
             sizes = sorted({r["train_pairs"] for r in summary})
             ax.set_xscale("log"), ax.set_xticks(sizes, [str(n) for n in sizes]), ax.minorticks_off()
             ax.set_title(f"{LABELS[metric]}\nstart: {rm_start}", fontsize=9)
@@ -479,9 +488,13 @@ def report(out: Path, readme: Path | None, summary_readme: Path | None = None) -
     write_csv(summary_path, summary)
     if tests:
         write_csv(tests_path, tests)
-    plot(summary, plot_path)
+    from icrm.data import read_rows as read_data
+    from icrm.metrics import position_baseline
+
+    position = position_baseline(read_data(str(DATA / SPLITS["eval"][0])))
+    plot(summary, plot_path, position)
     checks = sorted(out.parent.glob(out.stem + "_cpu_check_*.csv"))
-    section = render_section(rows, tests, summary, notes, out.name, plot_path.name, tests_path.name, checks)
+    section = render_section(rows, tests, summary, notes, out.name, plot_path.name, tests_path.name, checks, position)
     if readme is not None:
         splice(readme, README_BEGIN, README_END, section)
     if summary_readme is not None and tests:

@@ -141,6 +141,28 @@ def process_metrics(rows: list[dict], rewards: list[np.ndarray]) -> dict[str, fl
             "first_error_at_eos": mean(at_eos)}
 
 
+def position_baseline(rows: list[dict]) -> dict[str, float]:
+    """The value metrics of a reward that only falls with position (word ``i`` scores ``-i``), the
+    reference for the within-response numbers: in a rejected response every reachable prefix comes
+    before every lost one, so this scores a within-response AUROC of 1 without reading a token."""
+    values, scores, within_rho, within_auc = [], [], [], []
+    for row in rows:
+        for key in ("chosen_values", "rejected_values"):
+            v = np.asarray(row[key], dtype=np.float64)
+            r = -np.arange(len(v), dtype=np.float64)
+            values.extend(v)
+            scores.extend(r)
+            rho, auc = spearman(r, v), auroc(r, v > 0)
+            if np.isfinite(rho):
+                within_rho.append(rho)
+            if np.isfinite(auc):
+                within_auc.append(auc)
+    values = np.asarray(values)
+    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
+    return {"value_spearman": spearman(scores, values), "value_spearman_within": mean(within_rho),
+            "value_auroc": auroc(scores, values > 0), "value_auroc_within": mean(within_auc)}
+
+
 def has_prefix_values(rows: list[dict]) -> bool:
     return bool(rows) and all(isinstance(r, dict) and "chosen_values" in r and "rejected_values" in r for r in rows)
 

@@ -51,6 +51,12 @@ def test_process_metrics_by_hand():
     assert out["value_spearman"] == pytest.approx(metrics.spearman(scores, values))
     # reachable: 0.6 0.9 1.0 0.7 0.8 0.2 0.4 (7); not: -0.5 -0.6 -0.7 0.3 -1.0 (5); only 0.3 > 0.2 is lost
     assert out["value_auroc"] == pytest.approx(1 - 1 / 35)
+    # A reward falling with position (0, -1, -2): within rejected 1 (V 0.8 0 0) the reachable prefix comes
+    # first, AUROC 1; within chosen 0 (V 0.5 1 1) Spearman -sqrt(3)/2, chosen 1 the same, rejected 1 +sqrt(3)/2.
+    base = metrics.position_baseline(rows)
+    assert base["value_auroc_within"] == pytest.approx(1.0)
+    assert base["value_spearman_within"] == pytest.approx(-np.sqrt(3) / 2 / 3)
+    assert base["value_spearman"] == pytest.approx(metrics.spearman([0, -1, -2] * 4, values))
     with pytest.raises(ValueError, match="chosen_values has 3 entries"):
         metrics.process_metrics(rows, [np.zeros(5)] * 4)
 
