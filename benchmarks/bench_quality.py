@@ -15,7 +15,7 @@ with the cell, its hyperparameters and the machine: CPU model, ATen CPU capabili
 transformers versions, commit), appended after every finished arm, so a killed study keeps its rows
 and a rerun skips finished cells.
 
-    python benchmarks/bench_quality.py                    # the full study (about 90 min on one free core)
+    python benchmarks/bench_quality.py                    # the full study (69 min measured on one shared core)
     python benchmarks/bench_quality.py --validation ...   # score on the validation split (hyperparameter choice)
     python benchmarks/bench_quality.py --quick            # seconds-scale smoke run, written under runs/
     python benchmarks/bench_quality.py --report-only      # tests, summary, plot and README section from the rows
