@@ -57,7 +57,7 @@ ARMS = {
     "icrm_uniform": ("ICRM (uniform weights)", {"sft_regularizer": True, "consistency_kind": "log", "uniform_weights": True}),
     "icrm_squared": ("ICRM (squared)", {"sft_regularizer": True, "consistency_kind": "squared", "uniform_weights": False}),
 }
-RM_INITS = ("base", "generator")
+RM_INITS = ("base", "generator", "random")
 #: ``eval_file`` & co.: the shipped task's file when ``train_file`` is the shipped one, else none.
 AUTO = "auto"
 #: The shipped process task (``scripts/make_process_dataset.py``): the default training file and
@@ -76,7 +76,8 @@ class RewardConfig:
     # --- model and data (TRL names) -----------------------------------------------------
     model_name_or_path: str = _help(
         f"Starting causal LM: a Hugging Face folder, a config.json (random init), or '{BUILTIN_MODEL}' "
-        "(built-in 2-layer Llama with the built-in word-level tokenizer).",
+        "(built-in 2-layer Llama with the built-in word-level tokenizer; `icrm train` starts from its pretrained base "
+        "icrm/data/tiny_base).",
         default=BUILTIN_MODEL,
     )
     tokenizer_name_or_path: str | None = _help(
@@ -183,10 +184,10 @@ class RewardConfig:
     arms: list[str] = _help("`icrm train`: the arms the main job trains when compare_bt is on (comma-separated); "
                             "with compare_bt false only `arm` (or the fields as given) is trained.",
                             default_factory=lambda: ["bt", "grm", "icrm"])
-    reward_model_init: str = _help(f"`icrm train`: reward-model start, one of {RM_INITS}: 'base' = model_name_or_path "
-                                   "(the authors' recipe: base model, the SFT term trains the head copy), 'generator' = "
-                                   "the SFT-ed generator (our default: the built-in base model is random init, see docs/trainer.md).",
-                                   default="generator")
+    reward_model_init: str = _help(f"`icrm train`: reward-model start, one of {RM_INITS}: 'base' = the base model (the "
+                                   "authors' recipe; for the built-in model its pretrained base, icrm/data/tiny_base), "
+                                   "'generator' = the SFT-ed generator, 'random' = the base's architecture with random "
+                                   "weights. The generator is the SFT of the base in every case.", default="base")
 
     def __post_init__(self):
         # What the config does not name follows the data: the shipped task gets its full job, your

@@ -8,10 +8,18 @@ last prompt token). Metrics:
 
 * ``pair_accuracy``: sequence reward (at EOS) of chosen above rejected;
 * ``value_spearman``: Spearman correlation of per-word rewards with ``V``, pooled over all
-  responses' prefixes;
-* ``value_auroc``: AUROC of the per-word reward for "the answer is still reachable" (``V > 0``);
+  responses' prefixes; ``value_spearman_within``: the same within each response (rows whose
+  ``V`` is not constant), averaged over responses;
+* ``value_auroc``: AUROC of the per-word reward for "the answer is still reachable" (``V > 0``),
+  pooled; ``value_auroc_within``: within each response that has both kinds of prefix (the
+  rejected ones that were on track for at least one word), averaged;
 * ``first_error_acc``: fraction of rejected responses whose largest reward drop is at ``first_error``;
-* ``bon_accuracy``: per prompt, the highest-reward of its N policy samples; fraction correct.
+  ``first_error_chance``: the same for a drop position drawn uniformly over the response's
+  candidate positions (every word and EOS), i.e. the mean of ``1 / (words + 1)``;
+  ``first_error_at_eos``: fraction of rejected responses whose largest drop is at EOS;
+* ``bon_accuracy``: per prompt, the highest-reward of its distinct policy samples (identical
+  responses collapse to one candidate); fraction correct. ``bon_random``: a uniform pick among the
+  distinct candidates; ``bon_oracle``: any correct; ``bon_candidates``: mean distinct candidates.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from .data import encode_pair, read_rows
 from .inference import token_rewards
 
 #: The metric names :func:`evaluate_process` and :func:`best_of_n` return.
-PAIR_METRICS = ("pair_accuracy", "value_spearman", "value_auroc", "first_error_acc")
+PAIR_METRICS = ("pair_accuracy", "value_spearman", "value_spearman_within", "value_auroc", "value_auroc_within",
+                "first_error_acc", "first_error_chance", "first_error_at_eos")
 BON_METRICS = ("bon_accuracy",)
 
 
@@ -91,7 +100,7 @@ def word_rewards(rm, tokenizer, items: list[tuple[str, str]], *, max_length: int
 def process_metrics(rows: list[dict], rewards: list[np.ndarray]) -> dict[str, float]:
     """The pair metrics from rows with prefix values and ``word_rewards`` of (chosen, rejected) per row
     (``rewards[2 i]`` chosen, ``rewards[2 i + 1]`` rejected)."""
-    values, scores, hits, wins = [], [], [], []
+    values, scores, hits, chance, at_eos, wins, within_rho, within_auc = [], [], [], [], [], [], [], []
     for i, row in enumerate(rows):
         chosen, rejected = rewards[2 * i], rewards[2 * i + 1]
         wins.append(chosen[-1] > rejected[-1])
@@ -101,13 +110,45 @@ def process_metrics(rows: list[dict], rewards: list[np.ndarray]) -> dict[str, fl
                 raise ValueError(f"row {i}: {key} has {len(v)} entries, expected words + 1 = {len(r) - 1}")
             values.extend(v)
             scores.extend(r[1:])
+            rho = spearman(r[1:], v)
+            if np.isfinite(rho):
+                within_rho.append(rho)
+            auc = auroc(r[1:], np.asarray(v) > 0)
+            if np.isfinite(auc):
+                within_auc.append(auc)
         if row.get("first_error") is not None:
             drops = rejected[:-1] - rejected[1:]
             hits.append(int(np.argmax(drops)) == row["first_error"])
+            chance.append(1.0 / len(drops))
+            at_eos.append(int(np.argmax(drops)) == len(drops) - 1)
     values = np.asarray(values)
+    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
     return {"pair_accuracy": float(np.mean(wins)), "value_spearman": spearman(scores, values),
-            "value_auroc": auroc(scores, values > 0),
-            "first_error_acc": float(np.mean(hits)) if hits else float("nan")}
+            "value_spearman_within": mean(within_rho), "value_auroc": auroc(scores, values > 0),
+            "value_auroc_within": mean(within_auc), "first_error_acc": mean(hits), "first_error_chance": mean(chance),
+            "first_error_at_eos": mean(at_eos)}
+
+
+def position_baseline(rows: list[dict]) -> dict[str, float]:
+    """The value metrics of a reward that only falls with position (word ``i`` scores ``-i``), the
+    reference for the within-response numbers: in a rejected response every reachable prefix comes
+    before every lost one, so this scores a within-response AUROC of 1 without reading a token."""
+    values, scores, within_rho, within_auc = [], [], [], []
+    for row in rows:
+        for key in ("chosen_values", "rejected_values"):
+            v = np.asarray(row[key], dtype=np.float64)
+            r = -np.arange(len(v), dtype=np.float64)
+            values.extend(v)
+            scores.extend(r)
+            rho, auc = spearman(r, v), auroc(r, v > 0)
+            if np.isfinite(rho):
+                within_rho.append(rho)
+            if np.isfinite(auc):
+                within_auc.append(auc)
+    values = np.asarray(values)
+    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
+    return {"value_spearman": spearman(scores, values), "value_spearman_within": mean(within_rho),
+            "value_auroc": auroc(scores, values > 0), "value_auroc_within": mean(within_auc)}
 
 
 def has_prefix_values(rows: list[dict]) -> bool:
@@ -124,20 +165,35 @@ def evaluate_process(rm, tokenizer, rows, *, max_length: int, batch_size: int = 
                                               progress=progress))
 
 
+def distinct_candidates(group: dict) -> tuple[list[str], list[bool]]:
+    """A best-of-N group's responses with duplicates removed (first occurrence kept) and their correctness."""
+    responses, correct, seen = [], [], set()
+    for response, ok in zip(group["responses"], group["correct"]):
+        if response not in seen:
+            seen.add(response)
+            responses.append(response)
+            correct.append(bool(ok))
+    return responses, correct
+
+
 def best_of_n(rm, tokenizer, groups, *, max_length: int, batch_size: int = 256, progress=None) -> dict[str, float]:
-    """``bon_accuracy`` on rows ``{"prompt", "responses": [N], "correct": [N]}`` (or a file), plus
-    the arm-free references ``bon_random`` (mean correct) and ``bon_oracle`` (any correct)."""
+    """``bon_accuracy`` on rows ``{"prompt", "responses": [N], "correct": [N]}`` (or a file) over the
+    distinct responses of each group (a duplicate would let a majority vote win without a reward
+    model), plus the arm-free references ``bon_random`` (uniform pick among the distinct ones),
+    ``bon_oracle`` (any correct) and ``bon_candidates`` (mean distinct responses)."""
     groups = read_rows(groups) if isinstance(groups, str) else groups
-    items = [(g["prompt"], resp) for g in groups for resp in g["responses"]]
+    distinct = [distinct_candidates(g) for g in groups]
+    items = [(g["prompt"], resp) for g, (responses, _) in zip(groups, distinct) for resp in responses]
     seq = [r[-1] for r in word_rewards(rm, tokenizer, items, max_length=max_length, batch_size=batch_size,
                                        progress=progress)]
     picked, k = [], 0
-    for g in groups:
-        n = len(g["responses"])
-        picked.append(bool(g["correct"][int(np.argmax(seq[k:k + n]))]))
+    for responses, correct in distinct:
+        n = len(responses)
+        picked.append(correct[int(np.argmax(seq[k:k + n]))])
         k += n
-    return {"bon_accuracy": float(np.mean(picked)), "bon_random": float(np.mean([np.mean(g["correct"]) for g in groups])),
-            "bon_oracle": float(np.mean([any(g["correct"]) for g in groups]))}
+    return {"bon_accuracy": float(np.mean(picked)), "bon_random": float(np.mean([np.mean(c) for _, c in distinct])),
+            "bon_oracle": float(np.mean([any(c) for _, c in distinct])),
+            "bon_candidates": float(np.mean([len(r) for r, _ in distinct]))}
 
 
 def evaluate_suite(rm, tokenizer, *, eval_file=None, eval_long_file=None, bon_file=None, bon_long_file=None,

@@ -46,18 +46,25 @@ def train_arms(cfg: RewardConfig, arms: list[str], *, train_dataset=None, echo=p
     :func:`icrm.metrics.evaluate_suite` on ``cfg``'s eval files. Returns ``{"sft": ..., arm: metrics}``;
     ``on_arm(arm, metrics)`` is called as each arm finishes (the study writes its rows there).
 
-    Reward-model start (``reward_model_init``): ``generator`` = the SFT-ed model, ``base`` =
-    ``model_name_or_path`` (the authors' recipe); the frozen generator is the SFT-ed model either way.
+    The base is ``model_name_or_path``, for the built-in model its pretrained base
+    (:func:`icrm.pretrain.base_model_path`); the generator SFT starts there. Reward-model start
+    (``reward_model_init``): ``base`` (the authors' recipe), ``generator`` = the SFT-ed model, or
+    ``random`` = the base's architecture with random weights; the frozen generator is the SFT-ed
+    model in every case.
     """
-    base = cfg.model_name_or_path
+    from .pretrain import base_model_path, random_model_path
+
+    base = base_model_path(cfg.model_name_or_path)
     summary: dict = {}
     generator = cfg.generator_name_or_path
     if cfg.run_sft and cfg.sft_max_steps > 0:
-        sft = SFTTrainer(args=sft_args(cfg, os.path.join(cfg.output_dir, "sft")), train_dataset=train_dataset)
+        sft = SFTTrainer(args=sft_args(cfg, os.path.join(cfg.output_dir, "sft")).replace(model_name_or_path=base),
+                         train_dataset=train_dataset)
         summary["sft"] = sft.train()
         generator = sft.save_model()
         echo(f"[sft] generator saved to {generator} (eval token NLL {summary['sft'].get('eval_loss', float('nan')):.3f})")
-    init = generator if (cfg.reward_model_init == "generator" and generator) else base
+    init = {"base": base, "generator": generator or base,
+            "random": random_model_path(cfg.model_name_or_path)}[cfg.reward_model_init]
     for i, arm in enumerate(arms):
         # A checkpoint path given for the run belongs to the first arm; the others resume their own, and
         # an arm the previous attempt never reached starts fresh ('auto' rather than 'latest').

@@ -86,7 +86,7 @@ def plot_training(history: list[dict], path: str) -> str | None:
 TABLE_ROWS = (
     ("pair_accuracy", "pairwise accuracy"), ("value_spearman", "Spearman(token reward, V)"),
     ("value_auroc", "AUROC reachable (V > 0)"), ("first_error_acc", "first-error localisation"),
-    ("bon_accuracy", "best-of-16 correct"),
+    ("bon_accuracy", "best-of-16 correct (distinct)"),
 )
 
 
@@ -104,9 +104,12 @@ def metric_table(summary: dict, arms: list[str], names: list[str] | None = None)
         for key, label in keys:
             cells = "".join(f"{summary[a].get(key, float('nan')):>{width}.4f}" for a in arms)
             lines.append(f"  {label:<32s}{cells}")
+        ref = next((summary[a] for a in arms if "first_error_chance" + suffix in summary[a]), None)
+        if ref:
+            lines.append(f"  {'(first error: chance)':<32s}{ref['first_error_chance' + suffix]:>{width}.4f}")
         ref = next((summary[a] for a in arms if "bon_random" + suffix in summary[a]), None)
         if ref:
-            lines.append(f"  {'(best-of-16: random pick / oracle)':<32s}{ref['bon_random' + suffix]:>{width}.4f}"
+            lines.append(f"  {'(best-of-N: random / oracle)':<32s}{ref['bon_random' + suffix]:>{width}.4f}"
                          f"{ref['bon_oracle' + suffix]:>{width}.4f}")
     if len(lines) == 1:
         lines.append("  (nothing evaluated: set eval_file)")

@@ -16,7 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from benchmarks import bench_train_step, report
 
@@ -186,23 +188,72 @@ def test_readme_performance_section(results, tmp_path):
 
 
 def test_bench_quality_runs_resumes_and_reports(tmp_path):
-    """The quality study on a toy budget: rows per cell, a rerun skips finished cells, the report renders."""
+    """The quality study on a toy budget: rows per cell with the machine, a rerun skips finished cells,
+    the report renders the primary family and the tests."""
     out, readme = tmp_path / "quality.csv", tmp_path / "README.md"
     readme.write_text("# Results\n")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    args = [sys.executable, "-m", "benchmarks.bench_quality", "--seeds", "2", "--sizes", "16", "--arms", "bt,icrm_uniform",
-            "--rm-steps", "1", "--sft-steps", "1", "--workers", "1", "--out", str(out), "--readme", str(readme)]
-    for expected in ("2 (seed, size) groups to run", "0 (seed, size) groups to run, 4 cells already done"):
+    args = [sys.executable, "-m", "benchmarks.bench_quality", "--seeds", "2", "--sizes", "16", "--arms", "grm,icrm",
+            "--starts", "base,random", "--seeds-random", "1", "--rm-steps", "1", "--sft-steps", "1", "--out", str(out),
+            "--readme", str(readme)]
+    for expected in ("3 (start, seed, size) groups to run (6 cells)", "0 (start, seed, size) groups to run (0 cells), 6 cells"):
         proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         assert expected in proc.stdout
     with open(out) as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["arm", "seed", "train_pairs", "metric", "value", "commit"]
-    metrics = {r["metric"] for r in rows}
-    assert {"pair_accuracy", "value_spearman", "value_auroc", "first_error_acc", "bon_accuracy",
-            "bon_accuracy_long", "train_s"} <= metrics
-    assert len({(r["arm"], r["seed"]) for r in rows}) == 4
+    assert list(rows[0])[:4] == ["start", "arm", "seed", "train_pairs"]
+    assert {r["aten"] for r in rows} == {torch.backends.cpu.get_cpu_capability()} and all(r["torch"] for r in rows)
+    assert {"pair_accuracy", "value_spearman_within", "value_auroc_within", "first_error_acc", "first_error_chance",
+            "bon_accuracy", "bon_random", "bon_candidates", "train_s"} <= {r["metric"] for r in rows}
+    assert {(r["start"], r["seed"]) for r in rows} == {("base", "0"), ("base", "1"), ("random", "0")}
     text = readme.read_text()
-    assert "<!-- quality:begin -->" in text and "4 of 4 (arm, seed, size) cells finished" in text
+    assert "<!-- quality:begin -->" in text and "6 of 6 cells finished" in text and "Primary endpoints" in text
+    with open(tmp_path / "quality_tests.csv") as fh:
+        tests = list(csv.DictReader(fh))
+    assert [(t["metric"], t["family"]) for t in tests if t["start"] == "base" and t["a"] == "icrm"] == [
+        ("pair_accuracy", "primary"), ("bon_accuracy", "primary")] + [
+        (m, "exploratory") for m in ("value_spearman", "value_spearman_within", "value_auroc", "value_auroc_within",
+                                     "first_error_acc", "first_error_at_eos")]
     assert (tmp_path / "quality.png").exists() and (tmp_path / "quality_summary.csv").exists()
+
+
+def test_quality_statistics_by_hand():
+    sys.path.insert(0, str(BENCH))
+    import bench_quality as bq
+
+    # Exact sign flips for n <= 16: diffs (1, 2, 3) have mean 2; of the 8 sign vectors only (+ + +) and
+    # (- - -) reach |mean| >= 2, so p = 2 / 8.
+    assert bq.sign_flip_p(np.array([1.0, 2.0, 3.0])) == pytest.approx(0.25)
+    assert bq.sign_flip_p(np.zeros(4)) == pytest.approx(1.0)
+    # Monte Carlo beyond 16: 30 equal positive diffs are as extreme as it gets: p = (1 + hits) / (1 + draws).
+    p = bq.sign_flip_p(np.ones(30), permutations=1000)
+    assert 1 / 1001 <= p < 0.01
+    # Holm: sorted 0.01, 0.02, 0.04 -> 3 x 0.01, 2 x 0.02 (kept monotone), 1 x 0.04; nan stays nan.
+    adjusted = bq.holm([0.04, 0.01, float("nan"), 0.02])
+    assert adjusted[:2] == pytest.approx([0.04, 0.03]) and np.isnan(adjusted[2]) and adjusted[3] == pytest.approx(0.04)
+    assert bq.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # 2 x 0.5 capped at 1, then monotone
+    mean, half = bq.t_interval(np.array([1.0, 2.0, 3.0]))
+    assert (mean, half) == pytest.approx((2.0, 4.303 * 1.0 / np.sqrt(3)))
+
+
+def test_default_job_table_splices_the_printed_table(tmp_path):
+    """scripts/default_job_table.py takes the table exactly as `icrm train` printed it, between the markers."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import default_job_table as djt
+
+    printed = ("[sft] generator saved\n\n" + " " * 44 + "BT         GRM        ICRM\nheld-out (eval_file, bon_file)\n"
+               "  pairwise accuracy                     0.9000      0.9120      0.9180\n"
+               "  reward models start from the base; wall time 195 s; outputs in runs/default_job\n")
+    output, doc = tmp_path / "out.txt", tmp_path / "doc.md"
+    output.write_text(printed)
+    doc.write_text(f"intro\n{djt.BEGIN}\nold table\n{djt.END}\noutro\n")
+    assert djt.main(["--from-output", str(output), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert "0.9000      0.9120      0.9180" in text and "[sft]" not in text and "ATen" in text
+    with pytest.raises(ValueError, match="no 'BT GRM ICRM' table"):
+        djt.table_of("no table here")
+    doc.write_text("no markers")
+    with pytest.raises(SystemExit, match="no <!-- default-job:begin -->"):
+        djt.main(["--from-output", str(output), "--doc", str(doc)])

@@ -71,7 +71,7 @@ def test_train_runs_sft_and_every_arm(trained, capsys):
     assert bt_log[0]["align_loss"] == 0.0 and bt_log[0]["sft_loss"] == 0.0  # plain Bradley-Terry
     grm_log = [json.loads(x) for x in (trained / "grm" / "metrics.jsonl").read_text().splitlines()]
     assert grm_log[0]["align_loss"] == 0.0 and grm_log[0]["sft_loss"] > 0.0  # GRM: the SFT term, no consistency
-    assert summary["config"]["reward_model_init"] == "generator"
+    assert summary["config"]["reward_model_init"] == "base"
 
 
 def test_train_resume_latest_finishes_every_stage(trained, files, capsys):

@@ -39,11 +39,24 @@ def test_process_metrics_by_hand():
     out = metrics.process_metrics(rows, rewards)
     assert out["pair_accuracy"] == pytest.approx(1.0)  # 1.0 > -0.7, 0.2 > -1.0
     assert out["first_error_acc"] == pytest.approx(0.5)
+    assert out["first_error_chance"] == pytest.approx(1 / 3)  # three candidate positions (two words, EOS) per row
+    assert out["first_error_at_eos"] == pytest.approx(0.5)  # row 1's largest drop is at EOS
+    # Within each response: chosen 0 ranks (1 2 3) vs (1 2.5 2.5) -> sqrt(3)/2; chosen 1 (2 3 1) vs (1 2.5 2.5) -> 0;
+    # rejected 1 (3 2 1) vs (3 1.5 1.5) -> sqrt(3)/2; rejected 0 has constant V (skipped).
+    assert out["value_spearman_within"] == pytest.approx((np.sqrt(3) / 2 * 2) / 3)
+    # Only rejected 1 has both reachable (0.4) and lost (0.3, -1.0) prefixes: AUROC 1.
+    assert out["value_auroc_within"] == pytest.approx(1.0)
     scores = [0.6, 0.9, 1.0, -0.5, -0.6, -0.7, 0.7, 0.8, 0.2, 0.4, 0.3, -1.0]
     values = [0.5, 1.0, 1.0, 0.0, 0.0, 0.0, 0.8, 1.0, 1.0, 0.8, 0.0, 0.0]
     assert out["value_spearman"] == pytest.approx(metrics.spearman(scores, values))
     # reachable: 0.6 0.9 1.0 0.7 0.8 0.2 0.4 (7); not: -0.5 -0.6 -0.7 0.3 -1.0 (5); only 0.3 > 0.2 is lost
     assert out["value_auroc"] == pytest.approx(1 - 1 / 35)
+    # A reward falling with position (0, -1, -2): within rejected 1 (V 0.8 0 0) the reachable prefix comes
+    # first, AUROC 1; within chosen 0 (V 0.5 1 1) Spearman -sqrt(3)/2, chosen 1 the same, rejected 1 +sqrt(3)/2.
+    base = metrics.position_baseline(rows)
+    assert base["value_auroc_within"] == pytest.approx(1.0)
+    assert base["value_spearman_within"] == pytest.approx(-np.sqrt(3) / 2 / 3)
+    assert base["value_spearman"] == pytest.approx(metrics.spearman([0, -1, -2] * 4, values))
     with pytest.raises(ValueError, match="chosen_values has 3 entries"):
         metrics.process_metrics(rows, [np.zeros(5)] * 4)
 
@@ -66,10 +79,14 @@ def test_word_rewards_and_best_of_n_by_hand():
     prompt = ids("sort") + ids(":") + ids("3") + ids("1")
     assert r.tolist() == [prompt, prompt + ids("1"), prompt + ids("1") + ids("3"), prompt + ids("1") + ids("3") + tok.eos_token_id]
     # Bigger numbers have bigger ids here, so the stub prefers the response with the largest sum.
-    groups = [{"prompt": "sort : 3 1\n", "responses": ["1 3", "3 1", "1 4"], "correct": [True, False, False]},
-              {"prompt": "sort : 5 2\n", "responses": ["2 5", "2"], "correct": [True, False]}]
+    # Duplicates collapse: group 0 has 3 distinct candidates (a uniform pick over all 5 would be right 1 in 5).
+    groups = [{"prompt": "sort : 3 1\n", "responses": ["1 3", "3 1", "1 4", "1 4", "3 1"],
+               "correct": [True, False, False, False, False]},
+              {"prompt": "sort : 5 2\n", "responses": ["2 5", "2", "2 5"], "correct": [True, False, True]}]
+    assert metrics.distinct_candidates(groups[1]) == (["2 5", "2"], [True, False])
     out = metrics.best_of_n(CountingRM(), tok, groups, max_length=16)
-    assert out == {"bon_accuracy": 0.5, "bon_random": pytest.approx((1 / 3 + 1 / 2) / 2), "bon_oracle": 1.0}
+    assert out == {"bon_accuracy": 0.5, "bon_random": pytest.approx((1 / 3 + 1 / 2) / 2), "bon_oracle": 1.0,
+                   "bon_candidates": 2.5}
     with pytest.raises(ValueError, match="max_length=3 is too short"):
         metrics.word_rewards(CountingRM(), tok, [("sort : 3 1\n", "1 3")], max_length=3)
 
@@ -132,14 +149,16 @@ def test_arm_switch_gives_the_intended_objective():
     assert float(squared.align_loss) != pytest.approx(float(icrm.align_loss))
 
 
-@pytest.mark.parametrize("init", ["base", "generator"])
+@pytest.mark.parametrize("init", ["base", "generator", "random"])
 def test_reward_model_init_picks_the_start(init, tmp_path, monkeypatch):
-    """`reward_model_init`: the reward model's backbone starts from the base model or the SFT-ed generator;
-    the frozen generator is the SFT-ed model either way; icrm_uniform runs without a generator."""
+    """`reward_model_init`: the reward model's backbone starts from the pretrained base (the built-in
+    model's), the SFT-ed generator or random weights; the generator is the SFT of the pretrained base
+    in every case; icrm_uniform runs without a generator."""
     from icrm import train as train_mod
     from icrm.data import read_rows
     from icrm.config import DATA_DIR
     from icrm.model import load_causal_lm
+    from icrm.pretrain import BASE_DIR
 
     seen = {}
 
@@ -156,10 +175,18 @@ def test_reward_model_init_picks_the_start(init, tmp_path, monkeypatch):
                        bon_file=None, bon_long_file=None, reward_model_init=init)
     train_mod.train_arms(cfg, ["icrm", "icrm_uniform"], train_dataset=rows, echo=lambda *_: None, save=False)
     tok = build_tiny_tokenizer()
-    base = load_causal_lm("tiny", tok, seed=cfg.seed).get_input_embeddings().weight
+    base = load_causal_lm(BASE_DIR, tok).get_input_embeddings().weight
+    random_init = load_causal_lm("tiny", tok, seed=cfg.seed).get_input_embeddings().weight
     sft = load_causal_lm(str(tmp_path / "sft" / "final"), tok).get_input_embeddings().weight
-    assert not torch.equal(base, sft)
+    assert not torch.equal(base, sft) and not torch.equal(base, random_init)
+    # The SFT moved the pretrained base a little (2 steps), not a random init.
+    assert (sft - base).abs().max() < (sft - random_init).abs().max()
     rm_start, generator = seen["icrm"]
-    assert torch.equal(rm_start, base if init == "base" else sft)
+    assert torch.equal(rm_start, {"base": base, "generator": sft, "random": random_init}[init])
     assert torch.equal(generator, sft)
     assert seen["icrm_uniform"][1] is None
+
+
+def test_reward_model_init_is_validated():
+    with pytest.raises(ValueError, match="reward_model_init must be one of .*'random'.*got 'pretrained'"):
+        RewardConfig(reward_model_init="pretrained")

@@ -423,7 +423,8 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     settings = dict(max_steps=3, logging_steps=1, max_length=32, reg_ratio=0.0, sft_regularizer=False, learning_rate=3e-3,
                     warmup_ratio=0.0, kernels="reference")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "icrm.cli", "train",
-           "--run_sft", "false", "--compare_bt", "false", "--per_device_train_batch_size", "4", "--train_file",
+           "--run_sft", "false", "--compare_bt", "false", "--reward_model_init", "random",
+           "--per_device_train_batch_size", "4", "--train_file",
            str(train_file), "--eval_file", "", "--output_dir", str(out)]
     cmd += [x for k, v in settings.items() for x in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}

@@ -25,8 +25,9 @@ from icrm.model import load_reward_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLOBAL_BATCH = 8
-COMMON = dict(run_sft=False, compare_bt=False, reg_ratio=0.0, sft_regularizer=False, save_steps=2, save_total_limit=5,
-              logging_steps=1,
+# reward_model_init random: `icrm train` then starts where RewardTrainer's built-in model does (random init).
+COMMON = dict(run_sft=False, compare_bt=False, reward_model_init="random", reg_ratio=0.0, sft_regularizer=False,
+              save_steps=2, save_total_limit=5, logging_steps=1,
               max_length=32, learning_rate=3e-3, warmup_ratio=0.0, lr_scheduler_type="constant", eval_file="",
               kernels="reference")
 
