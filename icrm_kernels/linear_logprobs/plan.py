@@ -321,6 +321,9 @@ class Launch:
     accumulate: bool = False
     tile_max: bool = False  # forward: stores ``tile_max``; dlogits: reads it and skips dead tiles
     parts: tuple = ()       # _dgrad_kernel: the launches whose programs it runs, pids in this order
+    #: Every K loop is branch-free and software-pipelined (async copies; async wgmma on sm_90) at a
+    #: 16-divisible D: the dgrad parts walk compacted live lists. tests/gpu_compile.py fails otherwise.
+    pipelined: bool = True
 
     def part(self, pid: int) -> tuple["Launch", int]:
         """A fused launch's part and the pid inside it that program ``pid`` runs (itself for
