@@ -271,3 +271,42 @@ def test_bad_input_rewards(kwargs, exc, match):
     vw = args.pop("value_weight")
     with pytest.raises(exc, match=match):
         ik.linear_logprobs_and_rewards(H, W, T, vw, **args)
+
+
+def test_rows_without_target_skip_the_vocabulary(monkeypatch):
+    """Only the rows that carry a target reach the LM-head computation (issue 18 item 4); the
+    rewards of every row and all gradients equal the float64 gold of the uncompacted op."""
+    import importlib
+
+    op = importlib.import_module("icrm_kernels.linear_logprobs")  # the package (the name is also the function)
+
+    seen = []
+    real = op.linear_logprobs_auto_reference
+
+    def spy(hidden, *args):
+        seen.append(hidden.shape[0])
+        return real(hidden, *args)
+
+    g = torch.Generator().manual_seed(4)
+    n, d, v = 24, 8, 50
+    leaves = [torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(v, d, generator=g, dtype=torch.float64),
+              torch.randn(d, generator=g, dtype=torch.float64)]
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[torch.arange(n) % 4 != 0] = -100  # 6 of 24 rows carry a target (an RM step: chosen responses)
+    upstream = torch.randn(2, n, generator=g, dtype=torch.float64)
+
+    def run(compact):
+        xs = [t.clone().requires_grad_() for t in leaves]
+        if compact:
+            logp, rewards = ik.linear_logprobs_and_rewards(xs[0], xs[1], targets, xs[2], softcap=3.0, backend="reference")
+        else:  # the gold: every row through the plain reference
+            logp = ref.linear_logprobs_reference(xs[0], xs[1], targets, None, 1.0, 3.0, -100)
+            rewards = xs[0] @ xs[2]
+        loss = (logp * upstream[0]).sum() + (rewards * upstream[1]).sum()
+        return [logp, rewards, *torch.autograd.grad(loss, xs)]
+
+    monkeypatch.setattr(op, "linear_logprobs_auto_reference", spy)
+    got = run(True)
+    assert seen == [6], f"the vocabulary computation saw {seen} rows, expected only the 6 with a target"
+    for name, a, b in zip(("logp", "rewards", "d_hidden", "d_weight", "d_value_weight"), got, run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)

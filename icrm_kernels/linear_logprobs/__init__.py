@@ -162,11 +162,12 @@ def linear_logprobs(
         bias: optional ``[V]`` LM-head bias.
         temperature: > 0; divides the (soft-capped) logits.
         softcap: optional > 0 logit cap ``c * tanh(x / c)`` applied before the temperature.
-        ignore_index: target value whose rows give 0 and no gradient.
+        ignore_index: target value whose rows give 0 and no gradient; those rows never reach
+            the vocabulary (outside ``torch.compile`` the op runs the LM head on the other rows).
         backend: ``"auto" | "triton" | "reference"`` (see ``icrm_kernels._dispatch``).
         grad_filter_eps: the Triton backward's gradient filter (``kernels.py`` header): vocab
-            tiles whose softmax gradient ``|1[j = target] - p_j|`` stays below it for every row
-            of the tile are skipped. ``"auto"``: ``finfo(dtype).eps / 32`` for fp16 / bf16
+            tiles whose softmax entries ``p_j`` stay below it for every row of the tile are
+            skipped (the targets' one-hot term is always exact). ``"auto"``: ``finfo(dtype).eps / 32`` for fp16 / bf16
             (cut-cross-entropy's default), off for fp32; ``None``: off (exact); or a float >= 0.
             The reference backend never filters.
         process_group: vocabulary parallelism (``icrm_kernels.linear_logprobs.parallel``). When

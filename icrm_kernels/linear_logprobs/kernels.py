@@ -41,15 +41,25 @@ workspace ``dx [N, vocab_chunk]``), the rows otherwise (``dx [row_chunk, V]``).
 
 * ``_dlogits_kernel``: for each (row block, vocab tile) of the chunk, first the saved row
   maxima: a row whose ``tile_max - lse`` (raised by the fp16 rounding) is below ``ln(eps)``
-  (``-104`` with no filter: ``exp`` underflows to 0) and whose target is not in the tile
-  contributes nothing, and a tile with no such row is not recomputed (flag 0). Otherwise it
-  recomputes the logit tile, forms ``dx`` and stores it in the input dtype into the workspace,
-  plus the tile's ``live`` flag from the exact filter test.
-* ``_dgrad_kernel``: one launch, two roles over the chunk's live tiles: first the programs of
-  ``d_weight[tile] = dx[:, tile]^T @ hidden`` (K = the chunk's row blocks) and ``d_bias``,
-  then those of ``d_hidden = dx @ weight[chunk]`` (K = the chunk's vocab tiles) with
-  ``g_r * value_weight`` added where ``d_hidden`` is first stored. The long dweight programs go
-  first and the short dhidden ones fill the SMs as they free up.
+  (``-104`` with no filter: ``exp`` underflows to 0) contributes nothing, and a tile with no
+  such row is not recomputed (flag 0). Otherwise it recomputes the logit tile, forms the
+  softmax part ``dx = -g p / T (1 - tanh^2)`` and stores it in the input dtype into the
+  workspace, plus the tile's ``live`` flag from the exact filter test (``p >= eps``).
+* The one-hot term ``g / T (1 - tanh(x_y / c)^2)`` at each target is not in ``dx``: a target
+  never makes its tile live (with 128-row blocks the targets alone kept 3.5-12% of tiles live).
+  The launcher sorts the rows by (row chunk, target) once per backward and recomputes
+  ``x_y = hidden . weight[y] + bias[y]`` in fp32 (softcap only); ``_dgrad_kernel`` adds the term.
+* Between the two launches, two ``torch.sort`` calls compact the flags into per-row-block lists
+  of live vocab tiles and per-tile lists of live row blocks (ascending: the order of the sum).
+* ``_dgrad_kernel``: one launch, two roles: first the programs of ``d_weight[tile] = dx[:,
+  tile]^T @ hidden`` (K = the tile's live row blocks) plus ``onehot^T @ hidden[rows of the
+  tile's targets]`` and ``d_bias``, then those of ``d_hidden = dx @ weight[chunk]`` (K = the row
+  block's live vocab tiles) with ``coef * weight[target]`` (a row gather) and ``g_r *
+  value_weight`` added where ``d_hidden`` is first stored. Its K loops have no branch inside
+  (the old ``if live`` per step kept Triton from pipelining them: one buffer and ``wgmma
+  wait_group 0`` every step), so they run with async copies and async wgmma (checked by
+  tests/gpu_compile.py). The long dweight programs go first and the short dhidden ones fill the
+  SMs as they free up.
 
 Reduction order and rounding. Vocabulary axis: ``d_weight`` / ``d_bias`` rows of a chunk are a
 single fp32 sum over all N rows (row blocks in order), rounded once, as eager; ``d_hidden``
